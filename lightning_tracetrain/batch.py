@@ -1,0 +1,142 @@
+"""The batch protocol shared by recorder, sampler and explainer.
+
+A batch is a mapping with ``x`` (model input), ``y`` (labels) and ``index``
+(int64 dataset ids); single-class batches add ``ghost`` (bool mask, real rows
+first). Graph batches are PyG ``Batch`` objects carrying the same names as
+attributes. :class:`IndexedDataset` turns any ``(x, y)`` dataset into this shape.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.utils.data import Dataset
+
+from lightning_tracetrain.exceptions import MissingIndexError
+
+_WRAPPER_HINT = (
+    "Wrap the training dataset with `lightning_tracetrain.IndexedDataset(dataset)`, which yields "
+    "{'x': ..., 'y': ..., 'index': i} (or sets `data.index` on PyG graphs), or add an int64 'index' "
+    "entry with the dataset ids yourself."
+)
+
+
+class IndexedDataset(Dataset):
+    """Give every example of a dataset its id, following the batch protocol.
+
+    Items of the wrapped dataset may be ``(x, y)`` tuples, mappings (an
+    ``index`` entry is added) or PyG ``Data`` objects (``data.index`` is set on
+    a shallow copy). The id is the position in the wrapped dataset.
+
+    Example:
+        >>> import torch
+        >>> from torch.utils.data import TensorDataset
+        >>> ds = IndexedDataset(TensorDataset(torch.zeros(3, 2), torch.tensor([0, 1, 0])))
+        >>> sorted(ds[2])
+        ['index', 'x', 'y']
+        >>> int(ds[2]["index"])
+        2
+    """
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, i: int) -> Any:
+        item = self.dataset[i]
+        index = torch.tensor(i, dtype=torch.long)
+        if isinstance(item, Mapping):
+            return {**item, "index": index}
+        if isinstance(item, tuple | list) and len(item) == 2:
+            return {"x": item[0], "y": torch.as_tensor(item[1]), "index": index}
+        if _is_graph(item):
+            return _indexed_graph(item, index)
+        raise TypeError(
+            f"IndexedDataset cannot tell the input from the label in items of type {type(item).__name__}: "
+            "return (x, y) tuples, mappings with 'x' and 'y', or PyG Data objects."
+        )
+
+
+def _is_graph(item: Any) -> bool:
+    try:
+        from torch_geometric.data import Data
+    except ImportError:  # pragma: no cover - torch-geometric is a dependency
+        return False
+    return isinstance(item, Data)
+
+
+_GRAPH_CLASSES: dict[type, type] = {}
+
+
+def _indexed_graph(data: Any, index: Tensor) -> Any:
+    """A shallow copy of a PyG graph with ``index`` set, collated as plain ids.
+
+    PyG offsets every attribute whose name contains "index" by the number of
+    nodes when batching (it takes them for edge indices); the subclass turns
+    that off for ``index`` alone.
+    """
+    cls = type(data)
+    if cls not in _GRAPH_CLASSES and not getattr(cls, "_plain_index", False):
+        _GRAPH_CLASSES[cls] = type(f"Indexed{cls.__name__}", (_PlainIndex, cls), {"__module__": __name__})
+        globals()[_GRAPH_CLASSES[cls].__name__] = _GRAPH_CLASSES[cls]  # picklable for DataLoader workers
+    out = copy.copy(data)
+    object.__setattr__(out, "__class__", _GRAPH_CLASSES.get(cls, cls))  # Data.__setattr__ would store it
+    out.index = index.view(1)
+    return out
+
+
+class _PlainIndex:
+    """Mixin for PyG ``Data`` classes: ``index`` holds dataset ids, concatenated without offsets."""
+
+    _plain_index = True
+
+    def __inc__(self, key: str, value: Any, *args: Any, **kwargs: Any) -> Any:
+        return 0 if key == "index" else super().__inc__(key, value, *args, **kwargs)  # type: ignore[misc]
+
+    def __cat_dim__(self, key: str, value: Any, *args: Any, **kwargs: Any) -> Any:
+        return 0 if key == "index" else super().__cat_dim__(key, value, *args, **kwargs)  # type: ignore[misc]
+
+
+def _get(batch: Any, key: str) -> Any:
+    if isinstance(batch, Mapping):
+        return batch.get(key)
+    return getattr(batch, key, None)
+
+
+def batch_index(batch: Any) -> Tensor:
+    """The dataset ids of a batch's examples as a 1-d int64 tensor."""
+    index = _get(batch, "index")
+    if not isinstance(index, Tensor):
+        kind = "mapping without 'index'" if isinstance(batch, Mapping) else f"{type(batch).__name__} without `index`"
+        raise MissingIndexError(
+            f"TraceCallback needs the dataset ids of every training batch, got a {kind}. {_WRAPPER_HINT}"
+        )
+    if index.is_floating_point() or index.is_complex():
+        raise MissingIndexError(
+            f"Batch 'index' must hold integer dataset ids, got dtype {index.dtype}. {_WRAPPER_HINT}"
+        )
+    return index.reshape(-1).long()
+
+
+def batch_labels(batch: Any, num_examples: int) -> Tensor | None:
+    """The labels of a batch as ``(num_examples, ...)``, or None when the batch has no ``y``."""
+    y = _get(batch, "y")
+    if not isinstance(y, Tensor):
+        return None
+    if y.numel() == num_examples:
+        return y.reshape(num_examples)
+    return y.reshape(num_examples, -1)
+
+
+def batch_ghost(batch: Any, num_examples: int) -> Tensor:
+    """The ghost mask of a batch (all False when the batch has no ``ghost`` entry)."""
+    ghost = _get(batch, "ghost")
+    if ghost is None:
+        return torch.zeros(num_examples, dtype=torch.bool)
+    return torch.as_tensor(ghost, dtype=torch.bool).reshape(num_examples)

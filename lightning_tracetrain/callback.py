@@ -1,0 +1,336 @@
+"""TraceCallback: record every optimizer step's weight changes into a trace."""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
+from torch import Tensor
+from typing_extensions import override
+
+from lightning_tracetrain.batch import batch_ghost, batch_index, batch_labels
+from lightning_tracetrain.functional import weight_deltas
+from lightning_tracetrain.layers import layer_parameters, select_layers
+from lightning_tracetrain.trace.schema import ClassSpec, LayerSpec, TraceSpec
+from lightning_tracetrain.trace.writer import (
+    Compressor,
+    DeltaStager,
+    ResumeState,
+    StepRecord,
+    TraceWriter,
+    make_compressor,
+    open_for_writing,
+)
+
+_CHUNK_BYTES = 8 * 2**20  # steps are buffered until a chunk of about this many raw bytes is full
+
+
+class TraceCallback(Callback):
+    """Store each traced layer's weight and bias change after every optimizer step.
+
+    The trace (a Zarr v3 group at ``dirpath``) holds the initial weights, one
+    delta per optimizer step, and per step the global step, epoch, batch index,
+    learning rates, the ids, labels and ghost flags of the examples that
+    produced it, and whether AMP skipped it. Open it with
+    :class:`~lightning_tracetrain.Trace`.
+
+    Training batches must carry dataset ids (``batch["index"]``); wrap the
+    training dataset with :class:`~lightning_tracetrain.IndexedDataset`.
+
+    Args:
+        dirpath: Where the trace is written (created if missing).
+        layers: Layers to trace: ``None`` for every Linear/Conv layer (torch or
+            PyG), or qualified names / glob patterns such as ``"features.*"``.
+        compressor: ``"zstd"`` (default), ``"lz4"``, ``None`` or a Zarr codec.
+        chunk_steps: Steps per stored chunk; by default about 8 MiB of deltas.
+        overwrite: Replace a trace already at ``dirpath`` instead of failing.
+        max_pending_steps: Steps that may wait for the writer before training
+            waits for it (backpressure).
+        commit_every_s: Commit a partly filled chunk after this many seconds, so a
+            crash loses at most that much of a slow run.
+
+    Example:
+        >>> from lightning.pytorch import Trainer
+        >>> trainer = Trainer(callbacks=[TraceCallback("runs/trace")], max_epochs=1)  # doctest: +SKIP
+        >>> trainer.fit(model, datamodule)  # doctest: +SKIP
+        >>> Trace("runs/trace").num_steps == trainer.global_step  # doctest: +SKIP
+        True
+
+    With momentum or Adam a step's delta also carries earlier batches' gradients
+    (the optimizer's state); it is still exactly the change of the weights.
+    """
+
+    def __init__(
+        self,
+        dirpath: str | Path,
+        layers: str | list[str] | None = None,
+        *,
+        compressor: Compressor = "zstd",
+        chunk_steps: int | None = None,
+        overwrite: bool = False,
+        max_pending_steps: int = 8,
+        commit_every_s: float = 30.0,
+    ) -> None:
+        if chunk_steps is not None and chunk_steps < 1:
+            raise ValueError(f"chunk_steps must be at least 1, got {chunk_steps}.")
+        if max_pending_steps < 1:
+            raise ValueError(f"max_pending_steps must be at least 1, got {max_pending_steps}.")
+        self.dirpath = str(dirpath)
+        self.layers = layers
+        self.compressor = compressor
+        self.chunk_steps = chunk_steps
+        self.overwrite = overwrite
+        self.max_pending_steps = max_pending_steps
+        self.commit_every_s = commit_every_s
+        self._resume: ResumeState | None = None
+        self._reset()
+
+    def _reset(self) -> None:
+        self._trainer: pl.Trainer | None = None
+        self._writer: TraceWriter | None = None
+        self._stager: DeltaStager | None = None
+        self._params: list[Tensor] = []
+        self._prev: list[Tensor] = []
+        self._hooks: list[Any] = []
+        self._next_step: int | None = None  # global step of the next record
+        self._batch_idx = -1
+        self._pending: list[tuple[np.ndarray, np.ndarray | None, np.ndarray]] = []
+        self._last_examples: tuple[np.ndarray, np.ndarray | None, np.ndarray] | None = None
+        self._run_id: str | None = None
+        self._records = 0
+
+    @property
+    @override
+    def state_key(self) -> str:
+        return self._generate_state_key(dirpath=self.dirpath)
+
+    # ------------------------------------------------------------------ life cycle
+
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if isinstance(trainer.strategy, FSDPStrategy | DeepSpeedStrategy | ModelParallelStrategy):
+            raise NotImplementedError(
+                f"TraceCallback does not support {type(trainer.strategy).__name__} yet: its parameters are sharded. "
+                "Use strategy='ddp' (rank 0 records the full weights)."
+            )
+        self._trainer = trainer
+        layers = select_layers(pl_module, self.layers)
+        named = [(name, p, t) for name, m in layers.items() for p, t in layer_parameters(m).items()]
+        self._params = [t for _, _, t in named]
+        spec = TraceSpec(
+            layers=tuple(
+                LayerSpec(name, _class_path(m), {p: tuple(t.shape) for p, t in layer_parameters(m).items()})
+                for name, m in layers.items()
+            ),
+            module=_class_spec(pl_module),
+            datamodule=_class_spec(trainer.datamodule) if trainer.datamodule is not None else None,
+            lr_columns=tuple(
+                f"optimizer{i}/group{j}"
+                for i, opt in enumerate(trainer.optimizers)
+                for j in range(len(opt.param_groups))
+            ),
+            chunk_steps=self.chunk_steps or _default_chunk_steps(self._params),
+            compressor=None if (c := make_compressor(self.compressor)) is None else c.to_dict(),
+        )
+        if trainer.is_global_zero:
+            self._prev = [t.detach().float().clone() for t in self._params]
+            initial = {(name, p): t.detach().float().cpu().numpy() for name, p, t in named}
+            group, self._records = open_for_writing(
+                self.dirpath,
+                spec,
+                initial,
+                resume=self._resume,
+                overwrite=self.overwrite,
+                compressor=make_compressor(self.compressor),
+            )
+            self._run_id = str(group.attrs["run_id"])
+            self._writer = TraceWriter(
+                group,
+                start=self._records,
+                max_pending=self.max_pending_steps,
+                commit_every_s=self.commit_every_s,
+                path=self.dirpath,
+            )
+            self._stager = DeltaStager([t.numel() for t in self._params], pl_module.device, self.max_pending_steps + 2)
+        self._hooks = [opt.register_step_post_hook(self._after_optimizer_step) for opt in trainer.optimizers]
+
+    @override
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        if self._next_step is None:  # global_step is restored from a checkpoint only after on_fit_start
+            self._next_step = trainer.global_step
+            self._check_continuity(trainer.global_step)
+        index = batch_index(batch)
+        label = batch_labels(batch, len(index))
+        ghost = batch_ghost(batch, len(index))
+        if trainer.world_size > 1:
+            index, ghost = _gather_rows(trainer, index), _gather_rows(trainer, ghost.to(torch.uint8)).bool()
+            label = None if label is None else _gather_rows(trainer, label)
+        self._batch_idx = batch_idx
+        if self._writer is not None:
+            self._pending.append(
+                (index.cpu().numpy(), None if label is None else label.detach().cpu().numpy(), ghost.cpu().numpy())
+            )
+
+    @override
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        self._record_skipped(trainer.global_step)
+
+    @override
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._writer is not None:
+            self._writer.flush(wait=False)  # commit the epoch's steps without making training wait
+
+    @override
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._close(raise_errors=True)
+
+    @override
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit":
+            self._close(raise_errors=False)
+
+    @override
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self._close(raise_errors=False)  # commits what is buffered; the original exception propagates
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        if self._writer is not None and self._trainer is not None:
+            # a checkpoint must never be ahead of the trace: commit everything up to this step first
+            self._record_skipped(self._trainer.global_step)
+            self._writer.flush()
+            self._records = self._writer.committed
+        return {"run_id": self._run_id, "records": self._records}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if state_dict.get("run_id"):
+            self._resume = ResumeState(str(state_dict["run_id"]), int(state_dict["records"]))
+
+    # ------------------------------------------------------------------ recording
+
+    def _after_optimizer_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        trainer = self._trainer
+        if trainer is None or not trainer.training:
+            return
+        step = trainer.global_step  # Lightning counts the step only after optimizer.step() returns
+        self._record_skipped(step)
+        if self._writer is not None and self._stager is not None:
+            deltas = weight_deltas(self._params, self._prev)
+            for prev, param in zip(self._prev, self._params, strict=True):
+                prev.copy_(param.detach())
+            self._writer.put(self._record(trainer, step, self._stager.stage(deltas)))
+        self._next_step = step + 1
+
+    def _record_skipped(self, global_step: int) -> None:
+        """Steps Lightning counted without an optimizer step (AMP found inf/nan): zero deltas."""
+        if self._next_step is None or self._trainer is None:
+            return
+        while self._next_step < global_step:
+            if self._writer is not None:
+                self._writer.put(self._record(self._trainer, self._next_step, None))
+            self._next_step += 1
+
+    def _record(self, trainer: pl.Trainer, step: int, staged: Any) -> StepRecord:
+        if self._pending:
+            parts = self._pending
+            labels = [p[1] for p in parts]
+            label = None if any(lab is None for lab in labels) else np.concatenate(labels)  # type: ignore[arg-type]
+            self._last_examples = (np.concatenate([p[0] for p in parts]), label, np.concatenate([p[2] for p in parts]))
+            self._pending = []
+        # a second optimizer step within the same batch (manual optimization) was produced by the same examples
+        index, label, ghost = self._last_examples or (np.zeros(0, np.int64), None, np.zeros(0, bool))
+        return StepRecord(
+            global_step=step,
+            epoch=trainer.current_epoch,
+            batch_idx=self._batch_idx,
+            lr=[float(g["lr"]) for opt in trainer.optimizers for g in opt.param_groups],
+            index=index,
+            ghost=ghost,
+            label=label,
+            deltas=staged,
+        )
+
+    def _check_continuity(self, global_step: int) -> None:
+        """On resume, the trace's last committed step must be the one right before this run's first."""
+        if self._writer is None or self._records == 0:
+            return
+        last = int(self._writer.last_global_step())
+        if last + 1 != global_step:
+            raise RuntimeError(
+                f"The trace at {self.dirpath} ends at global step {last}, but training continues at step "
+                f"{global_step}; resume from the checkpoint that was saved with this trace."
+            )
+
+    def _close(self, *, raise_errors: bool) -> None:
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = []
+        writer, self._writer = self._writer, None
+        if writer is not None:
+            self._records = writer.committed
+            writer.close(raise_errors=raise_errors)
+            self._records = writer.committed
+        run_id, records = self._run_id, self._records
+        self._reset()
+        self._run_id, self._records = run_id, records
+        self._resume = None
+
+
+# ---------------------------------------------------------------------- helpers
+
+
+def _default_chunk_steps(params: list[Tensor]) -> int:
+    step_bytes = sum(t.numel() for t in params) * 4
+    return int(max(1, min(256, _CHUNK_BYTES // max(1, step_bytes))))
+
+
+def _class_path(obj: Any) -> str:
+    cls = obj if isinstance(obj, type) else type(obj)
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _class_spec(obj: Any) -> ClassSpec:
+    """Import path and JSON-safe hyperparameters (``save_hyperparameters``) of a module or datamodule."""
+    path = _class_path(obj)
+    if "<locals>" in path:
+        warnings.warn(
+            f"{path} is defined inside a function, so tools cannot import it to rebuild the model from the trace; "
+            "define it at module level.",
+            stacklevel=3,
+        )
+    hparams = dict(getattr(obj, "hparams", {}) or {})
+    safe: dict[str, Any] = {}
+    for key, value in hparams.items():
+        try:
+            safe[key] = json.loads(json.dumps(value))
+        except (TypeError, ValueError):
+            warnings.warn(
+                f"Hyperparameter {key!r} of {type(obj).__name__} is not JSON-serializable and is stored as its repr; "
+                "tools that rebuild the model from the trace alone will need it passed explicitly.",
+                stacklevel=3,
+            )
+            safe[key] = repr(value)
+    return ClassSpec(path, safe)
+
+
+def _gather_rows(trainer: pl.Trainer, t: Tensor) -> Tensor:
+    """Concatenate a per-rank tensor of varying length over all ranks (rank order)."""
+    device = trainer.strategy.root_device
+    t = t.to(device)
+    sizes = trainer.strategy.all_gather(torch.tensor([t.shape[0]], device=device)).reshape(-1).tolist()
+    padded = torch.zeros((max(sizes), *t.shape[1:]), dtype=t.dtype, device=device)
+    padded[: t.shape[0]] = t
+    gathered = trainer.strategy.all_gather(padded)
+    return torch.cat([gathered[r, :n] for r, n in enumerate(sizes)]).cpu()

@@ -1,0 +1,69 @@
+"""scikit-learn's handwritten digits (1,797 8x8 images shipped with the package): the embedded default data."""
+
+from __future__ import annotations
+
+import lightning.pytorch as pl
+import torch
+from sklearn.datasets import load_digits
+from sklearn.model_selection import train_test_split
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_tracetrain.batch import IndexedDataset
+
+
+class DigitsDataModule(pl.LightningDataModule):
+    """Digits as ``(1, 8, 8)`` images in ``[0, 1]``, split stratified into train/val/test.
+
+    Batches follow the batch protocol (``x``, ``y``, ``index``); ``index`` is the
+    position in the split's dataset, e.g. ``datamodule.train_dataset[index]``.
+
+    Args:
+        batch_size: Training batch size.
+        val_fraction: Share of all examples held out for validation.
+        test_fraction: Share of all examples held out for testing.
+        seed: Seed of the split and of the training shuffle.
+        num_workers: DataLoader worker processes.
+    """
+
+    def __init__(
+        self,
+        batch_size: int = 32,
+        val_fraction: float = 0.1,
+        test_fraction: float = 0.2,
+        seed: int = 0,
+        num_workers: int = 0,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.num_classes = 10
+
+    def setup(self, stage: str | None = None) -> None:
+        if hasattr(self, "train_dataset"):
+            return
+        x, y = load_digits(return_X_y=True)
+        x = torch.tensor(x, dtype=torch.float32).reshape(-1, 1, 8, 8) / 16.0
+        y = torch.tensor(y, dtype=torch.long)
+        idx = torch.arange(len(y)).numpy()
+        hp = self.hparams
+        rest, test = train_test_split(idx, test_size=hp.test_fraction, stratify=y, random_state=hp.seed)
+        val_share = hp.val_fraction / (1.0 - hp.test_fraction)
+        train, val = train_test_split(rest, test_size=val_share, stratify=y[rest], random_state=hp.seed)
+        self.train_dataset = IndexedDataset(TensorDataset(x[train], y[train]))
+        self.val_dataset = IndexedDataset(TensorDataset(x[val], y[val]))
+        self.test_dataset = IndexedDataset(TensorDataset(x[test], y[test]))
+
+    def train_dataloader(self) -> DataLoader:
+        generator = torch.Generator().manual_seed(self.hparams.seed)
+        return DataLoader(
+            self.train_dataset,
+            batch_size=self.hparams.batch_size,
+            shuffle=True,
+            generator=generator,
+            num_workers=self.hparams.num_workers,
+        )
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(self.val_dataset, batch_size=256, num_workers=self.hparams.num_workers)
+
+    def test_dataloader(self) -> DataLoader:
+        return DataLoader(self.test_dataset, batch_size=256, num_workers=self.hparams.num_workers)

@@ -1,0 +1,44 @@
+"""``python -m lightning_tracetrain.demo``: train the digits CNN with tracing and summarize the trace."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import lightning.pytorch as pl
+
+from lightning_tracetrain import Trace, TraceCallback
+from lightning_tracetrain.data import DigitsDataModule
+from lightning_tracetrain.models import DigitsCNN
+
+
+def main(argv: list[str] | None = None) -> Trace:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--out", type=Path, default=Path("runs/demo"), help="output folder (default: runs/demo)")
+    parser.add_argument("--epochs", type=int, default=10, help="training epochs (default: 10)")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+
+    pl.seed_everything(args.seed, verbose=False)
+    datamodule = DigitsDataModule(batch_size=32, seed=args.seed)
+    model = DigitsCNN(lr=0.05, momentum=0.9)
+    trace_dir = args.out / "trace"
+    trainer = pl.Trainer(
+        max_epochs=args.epochs,
+        callbacks=[TraceCallback(trace_dir, overwrite=True)],
+        default_root_dir=args.out,
+        logger=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(model, datamodule)
+    (result,) = trainer.test(model, datamodule, verbose=False)
+    trainer.save_checkpoint(args.out / "model.ckpt")
+
+    trace = Trace(trace_dir)
+    print(trace.summary())
+    print(f"\ntest accuracy {result['test_acc']:.3f}; checkpoint {args.out / 'model.ckpt'}")
+    return trace
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,37 @@
+"""Named exceptions: every message says what went wrong and what to do about it."""
+
+from __future__ import annotations
+
+
+class TraceTrainError(Exception):
+    """Base class of every error raised by lightning_tracetrain."""
+
+
+class UnknownLayerError(TraceTrainError, KeyError):
+    """A layer name or pattern matched no traceable (or traced) layer."""
+
+    def __str__(self) -> str:  # KeyError would print the message with quotes
+        return str(self.args[0])
+
+
+class MissingIndexError(TraceTrainError, KeyError):
+    """A training batch carries no dataset ids (`index`)."""
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+class TraceExistsError(TraceTrainError, FileExistsError):
+    """The target directory already holds a trace that this run must not overwrite."""
+
+
+class TraceMismatchError(TraceTrainError, ValueError):
+    """A trace and a model, checkpoint or resume state do not belong together."""
+
+
+class TraceFormatError(TraceTrainError, ValueError):
+    """A path is not a trace, or a trace of a format version this code cannot read."""
+
+
+class TraceWriteError(TraceTrainError, OSError):
+    """Writing the trace failed (full disk, lost permissions); committed steps stay readable."""

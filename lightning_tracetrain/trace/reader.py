@@ -1,0 +1,245 @@
+"""Reading a trace: initial weights, per-step deltas and what produced each step."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import zarr
+from torch import Tensor
+
+from lightning_tracetrain.exceptions import TraceFormatError, UnknownLayerError
+from lightning_tracetrain.functional import accumulate
+from lightning_tracetrain.trace import schema
+from lightning_tracetrain.trace.schema import ClassSpec, LayerSpec, TraceSpec
+
+
+@dataclass(frozen=True)
+class StepTable:
+    """Per-step metadata, one entry per recorded optimizer step (numpy arrays)."""
+
+    global_step: np.ndarray  # int64 (steps,)
+    epoch: np.ndarray  # int64 (steps,)
+    batch_idx: np.ndarray  # int64 (steps,)
+    skipped: np.ndarray  # bool (steps,): AMP skipped the step, its delta is zero
+    lr: np.ndarray  # float64 (steps, param groups), columns named by Trace.lr_columns
+    example_start: np.ndarray  # int64 (steps,): the step's rows in Trace.examples
+    example_stop: np.ndarray  # int64 (steps,)
+
+
+@dataclass(frozen=True)
+class Examples:
+    """Training examples of one or more steps: dataset ids, labels and ghost flags."""
+
+    index: np.ndarray  # int64 (rows,)
+    label: np.ndarray  # (rows,) or (rows, width); -1 where the batch had no labels
+    ghost: np.ndarray  # bool (rows,)
+
+
+class Trace:
+    """A recorded training run, opened read-only.
+
+    Only committed steps are visible: a trace that is still being written, or
+    whose writer was killed, reads as the steps committed so far.
+
+    Example:
+        >>> trace = Trace("runs/demo/trace")  # doctest: +SKIP
+        >>> w = trace.initial("net.0")["weight"] + trace.deltas("net.0")["weight"].sum(0)  # doctest: +SKIP
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = str(path)
+        try:
+            self._group = zarr.open_group(store=self.path, mode="r")
+        except FileNotFoundError:
+            raise TraceFormatError(
+                f"No trace at {self.path}: the path does not exist or holds no Zarr group."
+            ) from None
+        attrs = dict(self._group.attrs)
+        if attrs.get("format") != schema.FORMAT:
+            raise TraceFormatError(f"{self.path} is a Zarr group but not a lightning_tracetrain trace.")
+        version = attrs.get("format_version")
+        if version != schema.FORMAT_VERSION:
+            raise TraceFormatError(
+                f"{self.path} has trace format version {version}; this lightning_tracetrain reads version "
+                f"{schema.FORMAT_VERSION}. Install the release that wrote it."
+            )
+        if not attrs.get("initialized"):
+            raise TraceFormatError(f"{self.path} is an incomplete trace: its run stopped while creating it.")
+        self.attrs = attrs
+        self.spec = TraceSpec.from_attrs(attrs)
+        self._layers = {lay.name: lay for lay in self.spec.layers}
+
+    # ---- what was traced
+
+    @property
+    def layers(self) -> list[str]:
+        """Qualified names of the traced layers, in module order."""
+        return list(self._layers)
+
+    def layer(self, name: str) -> LayerSpec:
+        """Module type and parameter shapes of a traced layer."""
+        try:
+            return self._layers[name]
+        except KeyError:
+            raise UnknownLayerError(
+                f"Layer {name!r} was not traced in {self.path}. Traced layers: {', '.join(self._layers)}."
+            ) from None
+
+    @property
+    def num_steps(self) -> int:
+        """Committed optimizer steps."""
+        return int(self.attrs["steps_committed"])
+
+    @property
+    def run_id(self) -> str:
+        return str(self.attrs["run_id"])
+
+    @property
+    def module(self) -> ClassSpec:
+        """Import path and hyperparameters of the LightningModule that was trained."""
+        return self.spec.module
+
+    @property
+    def datamodule(self) -> ClassSpec | None:
+        """Import path and hyperparameters of the LightningDataModule, if the run used one."""
+        return self.spec.datamodule
+
+    @property
+    def lr_columns(self) -> list[str]:
+        """Names of the columns of ``steps.lr``: ``optimizer{i}/group{j}``."""
+        return list(self.spec.lr_columns)
+
+    # ---- weights
+
+    def initial(self, layer: str) -> dict[str, Tensor]:
+        """The layer's parameters when tracing started."""
+        return {p: self._read(schema.initial_path(layer, p)) for p in self.layer(layer).params}
+
+    def deltas(self, layer: str, start: int = 0, stop: int | None = None) -> dict[str, Tensor]:
+        """Per-step changes of the layer's parameters for steps ``[start, stop)``, stacked on axis 0."""
+        start, stop = self._bounds(start, stop)
+        return {p: self._read(schema.delta_path(layer, p), slice(start, stop)) for p in self.layer(layer).params}
+
+    def iter_deltas(self, layer: str, start: int = 0, stop: int | None = None) -> Iterator[dict[str, Tensor]]:
+        """Like :meth:`deltas`, one stored chunk of steps at a time."""
+        start, stop = self._bounds(start, stop)
+        step = self.spec.chunk_steps
+        first = start
+        while first < stop:
+            last = min(stop, (first // step + 1) * step)
+            yield self.deltas(layer, first, last)
+            first = last
+
+    def final(self, layer: str) -> dict[str, Tensor]:
+        """The layer's parameters after the last committed step: initial + sum of deltas."""
+        return self._weights(layer, self.num_steps)
+
+    def weights_at(self, step: int) -> dict[str, dict[str, Tensor]]:
+        """Every traced layer's parameters after ``step`` recorded steps (0: the initial weights)."""
+        if not 0 <= step <= self.num_steps:
+            raise IndexError(f"step {step} is outside 0..{self.num_steps} (the trace's committed steps).")
+        return {layer: self._weights(layer, step) for layer in self.layers}
+
+    def _weights(self, layer: str, stop: int) -> dict[str, Tensor]:
+        initial = self.initial(layer)
+        return {
+            p: accumulate(w0, (chunk[p] for chunk in self.iter_deltas(layer, 0, stop))) for p, w0 in initial.items()
+        }
+
+    # ---- what produced each step
+
+    @cached_property
+    def steps(self) -> StepTable:
+        """Per-step metadata of the committed steps."""
+        n = self.num_steps
+        cols = {name: self._group[schema.step_path(name)][:n] for name in schema.STEP_ARRAYS}
+        stop = cols["example_stop"]
+        start = np.concatenate([[0], stop[:-1]]).astype(np.int64)
+        return StepTable(
+            global_step=cols["global_step"],
+            epoch=cols["epoch"],
+            batch_idx=cols["batch_idx"],
+            skipped=cols["skipped"],
+            lr=cols["lr"],
+            example_start=start,
+            example_stop=stop,
+        )
+
+    @cached_property
+    def examples(self) -> Examples:
+        """Example rows of all committed steps; step ``t`` owns rows ``example_start[t]:example_stop[t]``."""
+        n = int(self.steps.example_stop[-1]) if self.num_steps else 0
+        names = {name for name, _ in self._group["examples"].members()}
+        label = self._group[schema.example_path("label")][:n] if "label" in names else np.full(n, -1, np.int64)
+        return Examples(
+            index=self._group[schema.example_path("index")][:n],
+            label=label,
+            ghost=self._group[schema.example_path("ghost")][:n],
+        )
+
+    def step_examples(self, step: int) -> Examples:
+        """The examples that produced step ``step`` (all batches of its accumulation window)."""
+        if not 0 <= step < self.num_steps:
+            raise IndexError(f"step {step} is outside 0..{self.num_steps - 1} (the trace's committed steps).")
+        rows = slice(int(self.steps.example_start[step]), int(self.steps.example_stop[step]))
+        ex = self.examples
+        return Examples(ex.index[rows], ex.label[rows], ex.ghost[rows])
+
+    # ---- size
+
+    def nbytes(self) -> dict[str, int]:
+        """Stored and raw (float32) bytes of the deltas of the committed steps."""
+        stored = raw = 0
+        for lay in self.spec.layers:
+            for p, shape in lay.params.items():
+                arr = self._group[schema.delta_path(lay.name, p)]
+                raw += int(np.prod(shape)) * 4 * self.num_steps
+                stored += int(arr.nbytes_stored())
+        return {"stored": stored, "raw": raw}
+
+    def summary(self) -> str:
+        """A short human-readable description: layers, steps, bytes."""
+        size = self.nbytes()
+        ratio = size["raw"] / size["stored"] if size["stored"] else float("nan")
+        lines = [
+            f"Trace {self.path}",
+            f"  model   {self.module.class_path}",
+            f"  steps   {self.num_steps} (epochs {int(self.steps.epoch.max()) + 1 if self.num_steps else 0}, "
+            f"skipped {int(self.steps.skipped.sum()) if self.num_steps else 0})",
+            f"  deltas  {_fmt_bytes(size['stored'])} on disk, {_fmt_bytes(size['raw'])} as float32 "
+            f"({ratio:.2f}x compression)",
+            "  layers",
+        ]
+        for lay in self.spec.layers:
+            shapes = ", ".join(f"{p} {'x'.join(map(str, s))}" for p, s in lay.params.items())
+            lines.append(f"    {lay.name:<24} {lay.module_type.rsplit('.', 1)[-1]:<10} {shapes}")
+        return "\n".join(lines)
+
+    def __repr__(self) -> str:
+        return f"Trace({self.path!r}, layers={len(self.layers)}, num_steps={self.num_steps})"
+
+    # ---- helpers
+
+    def _bounds(self, start: int, stop: int | None) -> tuple[int, int]:
+        n = self.num_steps
+        stop = n if stop is None else stop
+        if not 0 <= start <= stop <= n:
+            raise IndexError(f"steps [{start}, {stop}) are outside the trace's {n} committed steps.")
+        return start, stop
+
+    def _read(self, path: str, rows: Any = Ellipsis) -> Tensor:
+        return torch.from_numpy(np.ascontiguousarray(self._group[path][rows]))
+
+
+def _fmt_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n:.1f} TiB"

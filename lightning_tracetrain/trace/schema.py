@@ -1,0 +1,121 @@
+"""The trace's on-disk layout, in one place (documented in docs/trace-format.md).
+
+A trace is a Zarr v3 group. Arrays with a leading step axis hold one row per
+recorded optimizer step; readers trust only the first ``steps_committed`` rows
+(an attribute written after the data), so a killed run never exposes a
+half-written step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+FORMAT = "lightning_tracetrain.trace"
+FORMAT_VERSION = 1
+
+#: Per-step arrays under ``steps/`` and their dtypes (``lr`` is 2-d: steps x param groups).
+STEP_ARRAYS: dict[str, str] = {
+    "global_step": "int64",
+    "epoch": "int64",
+    "batch_idx": "int64",
+    "skipped": "bool",
+    "example_stop": "int64",
+    "lr": "float64",
+}
+#: Per-example arrays under ``examples/`` (ragged over steps, split by ``steps/example_stop``).
+EXAMPLE_ARRAYS: dict[str, str] = {"index": "int64", "ghost": "bool", "label": "<from the data>"}
+
+STEP_CHUNK = 4096
+EXAMPLE_CHUNK = 65536
+
+
+def delta_path(layer: str, param: str) -> str:
+    """Array of a layer parameter's per-step changes, shape ``(steps, *param.shape)``."""
+    return f"layers/{layer}/delta/{param}"
+
+
+def initial_path(layer: str, param: str) -> str:
+    """Array of a layer parameter's value when tracing started."""
+    return f"layers/{layer}/initial/{param}"
+
+
+def step_path(name: str) -> str:
+    return f"steps/{name}"
+
+
+def example_path(name: str) -> str:
+    return f"examples/{name}"
+
+
+@dataclass(frozen=True)
+class ClassSpec:
+    """An importable class and the keyword arguments to rebuild it (LightningCLI's shape)."""
+
+    class_path: str
+    init_args: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"class_path": self.class_path, "init_args": self.init_args}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any] | None) -> ClassSpec | None:
+        return None if d is None else cls(d["class_path"], dict(d.get("init_args") or {}))
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """A traced layer: its module type and the shapes of its stored parameters."""
+
+    name: str
+    module_type: str
+    params: dict[str, tuple[int, ...]]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"type": self.module_type, "params": {k: list(v) for k, v in self.params.items()}}
+
+    @classmethod
+    def from_dict(cls, name: str, d: dict[str, Any]) -> LayerSpec:
+        return cls(name, d["type"], {k: tuple(v) for k, v in d["params"].items()})
+
+
+@dataclass(frozen=True)
+class TraceSpec:
+    """What a trace records about the run that made it; written once at creation."""
+
+    layers: tuple[LayerSpec, ...]
+    module: ClassSpec
+    datamodule: ClassSpec | None
+    lr_columns: tuple[str, ...]
+    chunk_steps: int
+    compressor: dict[str, Any] | None
+
+    @property
+    def fingerprint(self) -> dict[str, Any]:
+        """What must agree between a trace and a model for them to belong together."""
+        return {"module": self.module.class_path, "layers": {lay.name: lay.to_dict() for lay in self.layers}}
+
+    def to_attrs(self) -> dict[str, Any]:
+        return {
+            "layers": {lay.name: lay.to_dict() for lay in self.layers},
+            "module": self.module.to_dict(),
+            "datamodule": None if self.datamodule is None else self.datamodule.to_dict(),
+            "lr_columns": list(self.lr_columns),
+            "storage": {
+                "mode": "lossless",
+                "dtype": "float32",
+                "chunk_steps": self.chunk_steps,
+                "compressor": self.compressor,
+            },
+        }
+
+    @classmethod
+    def from_attrs(cls, attrs: dict[str, Any]) -> TraceSpec:
+        return cls(
+            layers=tuple(LayerSpec.from_dict(n, d) for n, d in attrs["layers"].items()),
+            module=ClassSpec.from_dict(attrs["module"]),  # type: ignore[arg-type]
+            datamodule=ClassSpec.from_dict(attrs.get("datamodule")),
+            lr_columns=tuple(attrs.get("lr_columns", ())),
+            chunk_steps=int(attrs["storage"]["chunk_steps"]),
+            compressor=attrs["storage"].get("compressor"),
+        )

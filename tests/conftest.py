@@ -1,0 +1,92 @@
+"""Shared fixtures: tiny datasets and models in the batch protocol, and a quiet Trainer."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import lightning.pytorch as pl
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_tracetrain import IndexedDataset
+
+
+def quiet_trainer(**kwargs: Any) -> pl.Trainer:
+    """A CPU Trainer without logger, progress bar, checkpoints or model summary."""
+    defaults: dict[str, Any] = dict(
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+    )
+    defaults.update(kwargs)
+    return pl.Trainer(**defaults)
+
+
+def image_loader(n: int = 40, batch_size: int = 8, seed: int = 0, shuffle: bool = True) -> DataLoader:
+    """``n`` random 1x6x6 images of 3 classes, following the batch protocol."""
+    g = torch.Generator().manual_seed(seed)
+    ds = IndexedDataset(TensorDataset(torch.randn(n, 1, 6, 6, generator=g), torch.randint(0, 3, (n,), generator=g)))
+    return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, generator=torch.Generator().manual_seed(seed))
+
+
+class TinyCNN(pl.LightningModule):
+    """Conv(stride 2, padding 1) -> ReLU -> Linear -> ReLU -> Linear(no bias)."""
+
+    def __init__(self, optimizer: str = "sgd", lr: float = 0.1) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.conv = nn.Conv2d(1, 4, 3, stride=2, padding=1)
+        self.fc = nn.Linear(4 * 3 * 3, 8)
+        self.head = nn.Linear(8, 3, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(F.relu(self.fc(F.relu(self.conv(x)).flatten(1))))
+
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        return F.cross_entropy(self(batch["x"]), batch["y"])
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        if self.hparams.optimizer == "adam":
+            return torch.optim.Adam(self.parameters(), lr=self.hparams.lr / 10)
+        return torch.optim.SGD(self.parameters(), lr=self.hparams.lr, momentum=0.9)
+
+
+class Snapshots(pl.Callback):
+    """Keeps a copy of every parameter after every optimizer step (index k: after k steps)."""
+
+    def __init__(self) -> None:
+        self.states: list[dict[str, Tensor]] = []
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.states = [self._state(pl_module)]
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+        while len(self.states) <= trainer.global_step:
+            self.states.append(self._state(pl_module))
+
+    @staticmethod
+    def _state(module: nn.Module) -> dict[str, Tensor]:
+        return {k: v.detach().clone() for k, v in module.named_parameters()}
+
+
+def assert_reconstructs(trace: Any, module: nn.Module, atol: float = 1e-5) -> None:
+    """For every traced layer: initial + sum of deltas equals the module's current weights."""
+    modules = dict(module.named_modules())
+    for layer in trace.layers:
+        final = trace.final(layer)
+        for param, value in final.items():
+            expected = getattr(modules[layer], param).detach()
+            torch.testing.assert_close(value, expected, atol=atol, rtol=1e-5, msg=f"{layer}.{param}")
+
+
+@pytest.fixture
+def make_trainer() -> Callable[..., pl.Trainer]:
+    return quiet_trainer

@@ -1,0 +1,91 @@
+"""A traced training run in its own process, for the crash and resume tests.
+
+Usage: python tests/trace_run.py OUT [--max-steps N] [--epochs E] [--sleep S] [--resume CKPT] [--devices D]
+
+Writes OUT/trace, a snapshot of the weights after every optimizer step
+(OUT/snaps/step_K.pt, saved before the trace sees the step) and, every 5 steps,
+a checkpoint OUT/ckpt/step=K.ckpt. At the end it saves OUT/final.pt.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.callbacks import ModelCheckpoint
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_tracetrain import IndexedDataset, TraceCallback
+
+
+class SlowNet(pl.LightningModule):
+    def __init__(self, sleep: float = 0.0, snaps: str = "") -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.conv = nn.Conv2d(1, 4, 3, padding=1)
+        self.fc = nn.Linear(4 * 36, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc(F.relu(self.conv(x)).flatten(1))
+
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        time.sleep(self.hparams.sleep)
+        return F.cross_entropy(self(batch["x"]), batch["y"])
+
+    def configure_optimizers(self) -> Any:
+        opt = torch.optim.SGD(self.parameters(), lr=0.05, momentum=0.9)
+        opt.register_step_post_hook(self._snapshot)  # registered before TraceCallback's hook, so it runs first
+        return opt
+
+    def _snapshot(self, *args: Any) -> None:
+        folder = Path(self.hparams.snaps)
+        step = self.trainer.global_step + 1  # weights after this many steps
+        tmp = folder / f".step_{step}.{os.getpid()}.pt"
+        torch.save({k: v.detach().clone() for k, v in self.named_parameters()}, tmp)
+        os.replace(tmp, folder / f"step_{step}.pt")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("out", type=Path)
+    parser.add_argument("--max-steps", type=int, default=40)
+    parser.add_argument("--sleep", type=float, default=0.0)
+    parser.add_argument("--resume", default=None)
+    parser.add_argument("--devices", type=int, default=1, help="CPU processes; more than 1 runs DDP (gloo)")
+    parser.add_argument("--epochs", type=int, default=-1)
+    args = parser.parse_args()
+    (args.out / "snaps").mkdir(parents=True, exist_ok=True)
+    pl.seed_everything(0, verbose=False)
+    g = torch.Generator().manual_seed(0)
+    data = IndexedDataset(TensorDataset(torch.randn(48, 1, 6, 6, generator=g), torch.randint(0, 3, (48,), generator=g)))
+    loader = DataLoader(data, batch_size=8, shuffle=True, generator=g)
+    model = SlowNet(sleep=args.sleep, snaps=str(args.out / "snaps"))
+    torch.save({k: v.detach().clone() for k, v in model.named_parameters()}, args.out / "snaps" / "step_0.pt")
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=args.devices,
+        strategy="ddp" if args.devices > 1 else "auto",
+        max_steps=args.max_steps,
+        max_epochs=args.epochs,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[
+            TraceCallback(args.out / "trace", chunk_steps=3),
+            ModelCheckpoint(args.out / "ckpt", filename="{step}", every_n_train_steps=5, save_top_k=-1),
+        ],
+    )
+    trainer.fit(model, loader, ckpt_path=args.resume)
+    if trainer.is_global_zero:
+        torch.save({k: v.detach().clone() for k, v in model.named_parameters()}, args.out / "final.pt")
+
+
+if __name__ == "__main__":
+    main()
