@@ -278,14 +278,13 @@ class TraceCallback(Callback):
             hook.remove()
         self._hooks = []
         writer, self._writer = self._writer, None
-        if writer is not None:
-            self._records = writer.committed
-            writer.close(raise_errors=raise_errors)
-            self._records = writer.committed
-        run_id, records = self._run_id, self._records
-        self._reset()
-        self._run_id, self._records = run_id, records
-        self._resume = None
+        try:
+            if writer is not None:
+                writer.close(raise_errors=raise_errors)
+        finally:
+            run_id, records = self._run_id, (writer.committed if writer is not None else self._records)
+            self._reset()  # a later fit with this callback starts afresh (or resumes from its checkpoint)
+            self._run_id, self._records, self._resume = run_id, records, None
 
 
 # ---------------------------------------------------------------------- helpers

@@ -23,6 +23,7 @@ from lightning_tracetrain import (
     Trace,
     TraceCallback,
     TraceExistsError,
+    TraceMismatchError,
     TraceWriteError,
     UnknownLayerError,
 )
@@ -286,3 +287,30 @@ def test_commit_on_timer_without_full_chunk(tmp_path):
     quiet_trainer(max_steps=5, callbacks=[cb, Probe()]).fit(TinyCNN(), image_loader())
     assert seen == [3]
     assert Trace(tmp_path / "t").num_steps == 5
+
+
+def test_resume_refuses_a_trace_that_is_not_the_checkpoints_own(tmp_path):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    ckpt = ModelCheckpoint(tmp_path / "ckpt", save_last=True)
+    trainer = quiet_trainer(max_steps=3, enable_checkpointing=True, callbacks=[TraceCallback(tmp_path / "t"), ckpt])
+    trainer.fit(TinyCNN(), image_loader())
+    quiet_trainer(max_steps=2, callbacks=[TraceCallback(tmp_path / "t", overwrite=True)]).fit(TinyCNN(), image_loader())
+    with pytest.raises(TraceMismatchError, match=r"belongs to trace run \w+, but .* holds run"):
+        quiet_trainer(max_steps=5, callbacks=[TraceCallback(tmp_path / "t")]).fit(
+            TinyCNN(), image_loader(), ckpt_path=ckpt.last_model_path
+        )
+    assert Trace(tmp_path / "t").num_steps == 2
+
+
+def test_tracing_can_start_from_an_untraced_checkpoint(tmp_path):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    ckpt = ModelCheckpoint(tmp_path / "ckpt", save_last=True)
+    quiet_trainer(max_steps=3, enable_checkpointing=True, callbacks=[ckpt]).fit(TinyCNN(), image_loader())
+    model = TinyCNN()
+    trainer = quiet_trainer(max_steps=5, callbacks=[TraceCallback(tmp_path / "t")])
+    trainer.fit(model, image_loader(), ckpt_path=ckpt.last_model_path)
+    trace = Trace(tmp_path / "t")
+    np.testing.assert_array_equal(trace.steps.global_step, [3, 4])  # the trace starts at the checkpoint's weights
+    assert_reconstructs(trace, model)

@@ -95,6 +95,10 @@ class TraceSpec:
         """What must agree between a trace and a model for them to belong together."""
         return {"module": self.module.class_path, "layers": {lay.name: lay.to_dict() for lay in self.layers}}
 
+    def describe(self) -> str:
+        """``module.Class with layers a, b`` for error messages."""
+        return f"{self.module.class_path} with layers {', '.join(lay.name for lay in self.layers)}"
+
     def to_attrs(self) -> dict[str, Any]:
         return {
             "layers": {lay.name: lay.to_dict() for lay in self.layers},

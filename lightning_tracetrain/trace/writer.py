@@ -142,11 +142,6 @@ def _read_attrs(path: str) -> dict[str, Any] | None:
         return None
 
 
-def describe_trace(attrs: dict[str, Any]) -> str:
-    spec = TraceSpec.from_attrs(attrs)
-    return f"{spec.module.class_path} with layers {', '.join(lay.name for lay in spec.layers)}"
-
-
 @dataclass(frozen=True)
 class ResumeState:
     """What a Lightning checkpoint remembers about the trace it was written with."""
@@ -172,8 +167,9 @@ def open_for_writing(
     attrs = _read_attrs(path)
     if attrs is not None and attrs.get("format") != schema.FORMAT:
         raise TraceExistsError(f"{path} is a Zarr group but not a lightning_tracetrain trace; choose another dirpath.")
+    existing = TraceSpec.from_attrs(attrs) if attrs is not None and attrs.get("initialized") else None
     if resume is not None:
-        if attrs is None:
+        if attrs is None or existing is None:
             raise TraceMismatchError(
                 f"The checkpoint being resumed was traced into run {resume.run_id}, but {path} holds no trace. "
                 "Point TraceCallback(dirpath=...) at the trace the checkpoint was written with."
@@ -181,7 +177,7 @@ def open_for_writing(
         if attrs.get("run_id") != resume.run_id:
             raise TraceMismatchError(
                 f"The checkpoint being resumed belongs to trace run {resume.run_id}, but {path} holds run "
-                f"{attrs.get('run_id')} ({describe_trace(attrs)}). Point dirpath at the checkpoint's own trace."
+                f"{attrs.get('run_id')} ({existing.describe()}). Point dirpath at the checkpoint's own trace."
             )
         committed = int(attrs.get("steps_committed", 0))
         if committed < resume.records:
@@ -189,13 +185,17 @@ def open_for_writing(
                 f"The trace at {path} holds {committed} committed steps but the checkpoint was saved after "
                 f"{resume.records}; the trace lost steps and cannot be continued without a gap."
             )
-        _check_fingerprint(path, attrs, spec)
+        if existing.fingerprint != spec.fingerprint:
+            raise TraceMismatchError(
+                f"The trace at {path} was recorded for {existing.describe()}, but this run traces "
+                f"{spec.describe()}. Trace the same layers of the same model, or choose another dirpath."
+            )
         group = zarr.open_group(store=path, mode="r+")
         truncate(group, resume.records)
         return group, resume.records
-    if attrs is not None and attrs.get("initialized") and not overwrite:
-        if TraceSpec.from_attrs(attrs).fingerprint != spec.fingerprint:
-            what = f"a trace of another model ({describe_trace(attrs)}); this run traces {_describe(spec)}"
+    if existing is not None and not overwrite:
+        if existing.fingerprint != spec.fingerprint:
+            what = f"a trace of another model ({existing.describe()}); this run traces {spec.describe()}"
         else:
             what = f"a trace of an earlier run of this model ({attrs.get('steps_committed', 0)} steps)"
         raise TraceExistsError(
@@ -203,18 +203,6 @@ def open_for_writing(
             "run with trainer.fit(..., ckpt_path=...), or choose another dirpath."
         )
     return _create(path, spec, initial, compressor), 0
-
-
-def _describe(spec: TraceSpec) -> str:
-    return f"{spec.module.class_path} with layers {', '.join(lay.name for lay in spec.layers)}"
-
-
-def _check_fingerprint(path: str, attrs: dict[str, Any], spec: TraceSpec) -> None:
-    if TraceSpec.from_attrs(attrs).fingerprint != spec.fingerprint:
-        raise TraceMismatchError(
-            f"The trace at {path} was recorded for {describe_trace(attrs)}, but this run traces {_describe(spec)}. "
-            "Trace the same layers of the same model, or choose another dirpath."
-        )
 
 
 def _create(
@@ -409,10 +397,6 @@ class TraceWriter:
         if self.committed == 0:
             return -1
         return int(self._steps["global_step"][self.committed - 1])
-
-    @property
-    def failed(self) -> bool:
-        return self._error is not None
 
     def _raise_if_failed(self) -> None:
         if self._error is None:
