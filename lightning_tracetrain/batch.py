@@ -48,22 +48,25 @@ class IndexedDataset(Dataset):
     def __len__(self) -> int:
         return len(self.dataset)  # type: ignore[arg-type]
 
-    def __getitem__(self, i: int) -> Any:
+    def __getitem__(self, key: int | tuple[int, bool]) -> Any:
+        """Item ``i``; a key ``(i, is_ghost)`` (from a single-class batch sampler) also sets ``ghost``."""
+        i, ghost = key if isinstance(key, tuple) else (key, None)
         item = self.dataset[i]
         index = torch.tensor(i, dtype=torch.long)
+        extra = {} if ghost is None else {"ghost": torch.tensor(ghost)}
         if isinstance(item, Mapping):
-            return {**item, "index": index}
+            return {**item, "index": index, **extra}
         if isinstance(item, tuple | list) and len(item) == 2:
-            return {"x": item[0], "y": torch.as_tensor(item[1]), "index": index}
-        if _is_graph(item):
-            return _indexed_graph(item, index)
+            return {"x": item[0], "y": torch.as_tensor(item[1]), "index": index, **extra}
+        if is_graph_item(item):
+            return _indexed_graph(item, index, extra.get("ghost"))
         raise TypeError(
             f"IndexedDataset cannot tell the input from the label in items of type {type(item).__name__}: "
             "return (x, y) tuples, mappings with 'x' and 'y', or PyG Data objects."
         )
 
 
-def _is_graph(item: Any) -> bool:
+def is_graph_item(item: Any) -> bool:
     try:
         from torch_geometric.data import Data
     except ImportError:  # pragma: no cover - torch-geometric is a dependency
@@ -74,7 +77,7 @@ def _is_graph(item: Any) -> bool:
 _GRAPH_CLASSES: dict[type, type] = {}
 
 
-def _indexed_graph(data: Any, index: Tensor) -> Any:
+def _indexed_graph(data: Any, index: Tensor, ghost: Tensor | None = None) -> Any:
     """A shallow copy of a PyG graph with ``index`` set, collated as plain ids.
 
     PyG offsets every attribute whose name contains "index" by the number of
@@ -88,6 +91,8 @@ def _indexed_graph(data: Any, index: Tensor) -> Any:
     out = copy.copy(data)
     object.__setattr__(out, "__class__", _GRAPH_CLASSES.get(cls, cls))  # Data.__setattr__ would store it
     out.index = index.view(1)
+    if ghost is not None:
+        out.ghost = ghost.view(1)
     return out
 
 

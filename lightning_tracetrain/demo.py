@@ -1,4 +1,4 @@
-"""``python -m lightning_tracetrain.demo``: train the digits CNN with tracing and summarize the trace."""
+"""``python -m lightning_tracetrain.demo``: train the digits CNN on single-class batches, traced; summarize."""
 
 from __future__ import annotations
 
@@ -20,8 +20,10 @@ def main(argv: list[str] | None = None) -> Trace:
     args = parser.parse_args(argv)
 
     pl.seed_everything(args.seed, verbose=False)
-    datamodule = DigitsDataModule(batch_size=32, seed=args.seed)
-    model = DigitsCNN(lr=0.05, momentum=0.9)
+    # the paper's protocol: single-class batches with ghost samples and ghost batch norm, so that every
+    # step belongs to one class; the learning rate decays to zero so no class of the last steps dominates
+    datamodule = DigitsDataModule(batch_size=32, seed=args.seed, single_class=True, ghost_size=10)
+    model = DigitsCNN(lr=0.05, momentum=0.9, ghost_batch_norm=True, schedule="cosine")
     trace_dir = args.out / "trace"
     trainer = pl.Trainer(
         max_epochs=args.epochs,

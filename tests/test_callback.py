@@ -87,14 +87,14 @@ def test_datamodule_is_recorded(tmp_path):
     from lightning_tracetrain.models import DigitsCNN
 
     dm = DigitsDataModule(batch_size=64, seed=3)
-    trainer = quiet_trainer(max_steps=3, callbacks=[TraceCallback(tmp_path / "t", layers="net.[68]")])
+    trainer = quiet_trainer(max_steps=3, callbacks=[TraceCallback(tmp_path / "t", layers="net.fc*")])
     trainer.fit(DigitsCNN(channels=4, hidden=8), dm)
     trace = Trace(tmp_path / "t")
-    assert trace.layers == ["net.6", "net.8"]
+    assert trace.layers == ["net.fc1", "net.fc2"]
     assert trace.datamodule.class_path == "lightning_tracetrain.data.digits.DigitsDataModule"
     assert trace.datamodule.init_args["seed"] == 3 and trace.datamodule.init_args["batch_size"] == 64
     assert trace.module.init_args["channels"] == 4
-    assert "net.6" in trace.summary() and "3" in trace.summary()
+    assert "net.fc1" in trace.summary() and "3" in trace.summary()
 
 
 def test_gradient_accumulation_records_every_optimizer_step(tmp_path):

@@ -9,9 +9,10 @@ from sklearn.model_selection import train_test_split
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_tracetrain.batch import IndexedDataset
+from lightning_tracetrain.datamodule import SingleClassBatchesMixin
 
 
-class DigitsDataModule(pl.LightningDataModule):
+class DigitsDataModule(SingleClassBatchesMixin, pl.LightningDataModule):
     """Digits as ``(1, 8, 8)`` images in ``[0, 1]``, split stratified into train/val/test.
 
     Batches follow the batch protocol (``x``, ``y``, ``index``); ``index`` is the
@@ -23,6 +24,8 @@ class DigitsDataModule(pl.LightningDataModule):
         test_fraction: Share of all examples held out for testing.
         seed: Seed of the split and of the training shuffle.
         num_workers: DataLoader worker processes.
+        single_class: Train on single-class batches (``batch_size`` real rows of one class).
+        ghost_size: Ghost samples added to each single-class batch.
     """
 
     def __init__(
@@ -32,6 +35,8 @@ class DigitsDataModule(pl.LightningDataModule):
         test_fraction: float = 0.2,
         seed: int = 0,
         num_workers: int = 0,
+        single_class: bool = False,
+        ghost_size: int = 0,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -53,6 +58,13 @@ class DigitsDataModule(pl.LightningDataModule):
         self.test_dataset = IndexedDataset(TensorDataset(x[test], y[test]))
 
     def train_dataloader(self) -> DataLoader:
+        hp = self.hparams
+        if hp.single_class:
+            return self.single_class_dataloader(
+                self.train_dataset, hp.batch_size, hp.ghost_size, seed=hp.seed, num_workers=hp.num_workers
+            )
+        if hp.ghost_size:
+            raise ValueError("ghost_size needs single_class=True: ghosts complete single-class batches.")
         generator = torch.Generator().manual_seed(self.hparams.seed)
         return DataLoader(
             self.train_dataset,

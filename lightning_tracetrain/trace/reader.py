@@ -27,6 +27,7 @@ class StepTable:
     epoch: np.ndarray  # int64 (steps,)
     batch_idx: np.ndarray  # int64 (steps,)
     skipped: np.ndarray  # bool (steps,): AMP skipped the step, its delta is zero
+    label: np.ndarray  # int64 (steps,): class of a single-class step (its real rows), -1 for mixed batches
     lr: np.ndarray  # float64 (steps, param groups), columns named by Trace.lr_columns
     example_start: np.ndarray  # int64 (steps,): the step's rows in Trace.examples
     example_stop: np.ndarray  # int64 (steps,)
@@ -49,7 +50,7 @@ class Trace:
 
     Example:
         >>> trace = Trace("runs/demo/trace")  # doctest: +SKIP
-        >>> w = trace.initial("net.0")["weight"] + trace.deltas("net.0")["weight"].sum(0)  # doctest: +SKIP
+        >>> w = trace.initial("net.conv1")["weight"] + trace.deltas("net.conv1")["weight"].sum(0)  # doctest: +SKIP
     """
 
     def __init__(self, path: str | Path) -> None:
@@ -166,6 +167,7 @@ class Trace:
             epoch=cols["epoch"],
             batch_idx=cols["batch_idx"],
             skipped=cols["skipped"],
+            label=cols["label"],
             lr=cols["lr"],
             example_start=start,
             example_stop=stop,
@@ -182,6 +184,16 @@ class Trace:
             label=label,
             ghost=self._group[schema.example_path("ghost")][:n],
         )
+
+    def real_examples(self, step: int) -> np.ndarray:
+        """Dataset ids of the real (non-ghost) examples of a step: the ones its gamma is split over."""
+        ex = self.step_examples(step)
+        return ex.index[~ex.ghost]
+
+    def ghost_examples(self, step: int) -> np.ndarray:
+        """Dataset ids of a step's ghost samples."""
+        ex = self.step_examples(step)
+        return ex.index[ex.ghost]
 
     def step_examples(self, step: int) -> Examples:
         """The examples that produced step ``step`` (all batches of its accumulation window)."""
@@ -212,6 +224,7 @@ class Trace:
             f"  model   {self.module.class_path}",
             f"  steps   {self.num_steps} (epochs {int(self.steps.epoch.max()) + 1 if self.num_steps else 0}, "
             f"skipped {int(self.steps.skipped.sum()) if self.num_steps else 0})",
+            f"  classes {self._class_line()}",
             f"  deltas  {_fmt_bytes(size['stored'])} on disk, {_fmt_bytes(size['raw'])} as float32 "
             f"({ratio:.2f}x compression)",
             "  layers",
@@ -220,6 +233,17 @@ class Trace:
             shapes = ", ".join(f"{p} {'x'.join(map(str, s))}" for p, s in lay.params.items())
             lines.append(f"    {lay.name:<24} {lay.module_type.rsplit('.', 1)[-1]:<10} {shapes}")
         return "\n".join(lines)
+
+    def _class_line(self) -> str:
+        labels = self.steps.label
+        single = labels[labels >= 0]
+        if not len(single):
+            return "no single-class step (mixed batches)"
+        ghosts = int(self.examples.ghost.sum())
+        return (
+            f"{len(single)} of {len(labels)} steps single-class over {len(np.unique(single))} classes; "
+            f"{ghosts} ghost rows"
+        )
 
     def __repr__(self) -> str:
         return f"Trace({self.path!r}, layers={len(self.layers)}, num_steps={self.num_steps})"

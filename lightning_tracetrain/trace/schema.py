@@ -21,6 +21,7 @@ STEP_ARRAYS: dict[str, str] = {
     "batch_idx": "int64",
     "skipped": "bool",
     "example_stop": "int64",
+    "label": "int64",
     "lr": "float64",
 }
 #: Per-example arrays under ``examples/`` (ragged over steps, split by ``steps/example_stop``).

@@ -501,6 +501,7 @@ class TraceWriter:
             "batch_idx": np.array([r.batch_idx for r in recs], dtype=np.int64),
             "skipped": np.array([r.skipped for r in recs], dtype=bool),
             "example_stop": e_start + np.cumsum(counts),
+            "label": np.array([_step_label(r) for r in recs], dtype=np.int64),
             "lr": np.array([list(r.lr) for r in recs], dtype=np.float64).reshape(n, -1),
         }
         writes += [(self._steps[name], start, values) for name, values in columns.items()]
@@ -532,6 +533,14 @@ class TraceWriter:
                 compressors=self._examples["index"].compressors,
             )
         return self._examples["label"]
+
+
+def _step_label(record: StepRecord) -> int:
+    """The class of a single-class step: the one label of its real rows, else -1."""
+    if record.label is None or record.label.ndim != 1 or record.label.dtype.kind not in "iub":
+        return -1
+    real = np.unique(record.label[~record.ghost])
+    return int(real[0]) if len(real) == 1 else -1
 
 
 def _labels(recs: list[StepRecord]) -> np.ndarray:
