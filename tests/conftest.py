@@ -87,6 +87,45 @@ def assert_reconstructs(trace: Any, module: nn.Module, atol: float = 1e-5) -> No
             torch.testing.assert_close(value, expected, atol=atol, rtol=1e-5, msg=f"{layer}.{param}")
 
 
+class TinyGNN(pl.LightningModule):
+    """GINConv with a torch Linear MLP, GCNConv (whose linear map is PyG's Linear), a Linear head."""
+
+    def __init__(self, momentum: float = 0.0) -> None:
+        super().__init__()
+        from torch_geometric.nn import GCNConv, GINConv
+
+        self.gin = GINConv(nn.Sequential(nn.Linear(3, 8), nn.ReLU(), nn.Linear(8, 8)))
+        self.gcn = GCNConv(8, 8)
+        self.out = nn.Linear(8, 2)
+        self.momentum = momentum
+
+    def forward(self, batch: Any) -> Tensor:
+        from torch_geometric.nn import global_mean_pool
+
+        h = F.relu(self.gin(batch.x, batch.edge_index))
+        h = F.relu(self.gcn(h, batch.edge_index))
+        return self.out(global_mean_pool(h, batch.batch))
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        return F.cross_entropy(self(batch), batch.y)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.1, momentum=self.momentum)
+
+
+def tiny_graphs(n: int = 12) -> list[Any]:
+    """``n`` random graphs of 4-6 nodes with 3 features; graph ``i`` has label ``i % 2``."""
+    from torch_geometric.data import Data
+
+    g = torch.Generator().manual_seed(0)
+    graphs = []
+    for i in range(n):
+        nodes = 4 + i % 3
+        edges = torch.randint(0, nodes, (2, 2 * nodes), generator=g)
+        graphs.append(Data(x=torch.randn(nodes, 3, generator=g), edge_index=edges, y=torch.tensor([i % 2])))
+    return graphs
+
+
 @pytest.fixture
 def make_trainer() -> Callable[..., pl.Trainer]:
     return quiet_trainer

@@ -12,9 +12,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 import zarr
-from conftest import Snapshots, TinyCNN, assert_reconstructs, image_loader, quiet_trainer
+from conftest import Snapshots, TinyCNN, TinyGNN, assert_reconstructs, image_loader, quiet_trainer, tiny_graphs
 from lightning.pytorch.plugins import MixedPrecision
-from torch import Tensor, nn
+from torch import Tensor
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_tracetrain import (
@@ -157,35 +157,9 @@ def test_amp_skipped_steps_are_flagged(tmp_path):
 
 
 def test_pyg_layers_are_traced(tmp_path):
-    from torch_geometric.data import Data
     from torch_geometric.loader import DataLoader as GraphLoader
-    from torch_geometric.nn import GCNConv, GINConv, global_mean_pool
 
-    class GNN(pl.LightningModule):
-        def __init__(self) -> None:
-            super().__init__()
-            self.gin = GINConv(nn.Sequential(nn.Linear(3, 8), nn.ReLU(), nn.Linear(8, 8)))
-            self.gcn = GCNConv(8, 8)
-            self.out = nn.Linear(8, 2)
-
-        def forward(self, batch: Any) -> Tensor:
-            h = F.relu(self.gin(batch.x, batch.edge_index))
-            h = F.relu(self.gcn(h, batch.edge_index))
-            return self.out(global_mean_pool(h, batch.batch))
-
-        def training_step(self, batch: Any, batch_idx: int) -> Tensor:
-            return F.cross_entropy(self(batch), batch.y)
-
-        def configure_optimizers(self) -> torch.optim.Optimizer:
-            return torch.optim.SGD(self.parameters(), lr=0.1)
-
-    g = torch.Generator().manual_seed(0)
-    graphs = []
-    for i in range(12):
-        n = 4 + i % 3
-        edges = torch.randint(0, n, (2, 2 * n), generator=g)
-        graphs.append(Data(x=torch.randn(n, 3, generator=g), edge_index=edges, y=torch.tensor([i % 2])))
-    model = GNN()
+    graphs, model = tiny_graphs(), TinyGNN()
     trainer = quiet_trainer(max_epochs=2, callbacks=[TraceCallback(tmp_path / "t")])
     trainer.fit(model, GraphLoader(IndexedDataset(graphs), batch_size=4, shuffle=True))
     trace = Trace(tmp_path / "t")

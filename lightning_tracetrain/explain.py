@@ -1,0 +1,226 @@
+"""``python -m lightning_tracetrain.explain --ckpt CKPT --trace TRACE``: explain test inputs by the training steps.
+
+Rebuilds the model and datamodule from what the trace recorded (query ``i`` is
+the ``i``-th example of the test dataloader), makes one pass over the trace
+and writes ``DIR/influence.json`` (schema in docs/influence-format.md) and a
+self-contained ``DIR/report.html``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+
+from lightning_tracetrain.exceptions import TraceMismatchError, TraceTrainError
+from lightning_tracetrain.explainer import (
+    Explainer,
+    LayerAttribution,
+    class_attribution,
+    example_attribution,
+    import_class,
+    ridge_densities,
+)
+from lightning_tracetrain.report import examples_figure, examples_table, ridge_figure, write_report
+from lightning_tracetrain.trace import Trace
+
+
+class QueryError(TraceTrainError, IndexError):
+    """A query index outside the test set."""
+
+
+def load_datamodule(trace: Trace) -> pl.LightningDataModule:
+    if trace.datamodule is None:
+        raise TraceMismatchError(
+            f"The trace at {trace.path} was recorded without a LightningDataModule, so the CLI cannot find test "
+            "inputs; use lightning_tracetrain.explainer.Explainer from Python with your own query batches."
+        )
+    datamodule = import_class(trace.datamodule)(**trace.datamodule.init_args)
+    datamodule.setup("fit")
+    datamodule.setup("test")
+    return datamodule
+
+
+def _example(index: int, label: int, score: float) -> dict[str, Any]:
+    return {"example": int(index), "label": int(label), "score": float(score)}
+
+
+def _image(dataset: Any, index: int) -> np.ndarray | None:
+    item = dataset[index]
+    x = item.get("x") if isinstance(item, Mapping) else None
+    if not isinstance(x, torch.Tensor) or x.dim() not in (2, 3):
+        return None  # graphs and other inputs are shown as a table
+    x = x.float()
+    if x.dim() == 3:
+        x = x[0] if x.shape[0] == 1 else x.permute(1, 2, 0)
+    return x.numpy()
+
+
+def explain(
+    ckpt: str | Path,
+    trace_path: str | Path,
+    queries: Sequence[int] = (0, 1, 2),
+    layers: Sequence[str] | None = None,
+    top_k: int = 5,
+    out: str | Path = "explanations",
+    score: str = "gamma",
+    privacy: bool = False,
+    bandwidth: float = 0.1,
+    num_workers: int = 0,
+) -> dict[str, Any]:
+    """Explain test inputs; writes ``influence.json`` and ``report.html`` to ``out`` and returns the JSON."""
+    if score not in ("gamma", "cosine"):
+        raise ValueError(f"score must be 'gamma' or 'cosine', got {score!r}.")
+    trace = Trace(trace_path)
+    explainer = Explainer.from_checkpoint(ckpt, trace, layers)
+    datamodule = load_datamodule(trace)
+    test = datamodule.test_dataloader()
+    for q in queries:
+        if not 0 <= q < len(test.dataset):
+            raise QueryError(
+                f"Query {q} is out of range: the test set of {type(datamodule).__name__} has {len(test.dataset)} "
+                f"examples (0..{len(test.dataset) - 1})."
+            )
+    batches = [test.collate_fn([test.dataset[q]]) for q in queries]
+    logits = explainer.set_queries(batches).float().cpu()
+    trainer = pl.Trainer(accelerator="auto", devices=1, logger=False, inference_mode=False, enable_model_summary=False)
+    trainer.predict(explainer, explainer.chunk_loader(num_workers), return_predictions=False)
+    results = explainer.results()
+
+    probs = logits.softmax(-1)
+    train_set = datamodule.train_dataloader().dataset
+    grid = torch.linspace(-1, 1, 201)
+    out_dir = Path(out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    doc: dict[str, Any] = {
+        "score": score,
+        "privacy": privacy,
+        "trace": str(trace.path),
+        "checkpoint": str(ckpt),
+        "steps": explainer.stop,
+        "queries": [],
+    }
+    sections = []
+    for qi, q in enumerate(queries):
+        label = int(torch.as_tensor(test.dataset[q]["y"] if isinstance(test.dataset[q], Mapping) else -1))
+        predicted = int(probs[qi].argmax())
+        top_classes = probs[qi].argsort(descending=True)[:10].tolist()
+        entry: dict[str, Any] = {
+            "query": q,
+            "label": label,
+            "predicted": predicted,
+            "probabilities": [round(float(p), 6) for p in probs[qi]],
+            "layers": {},
+        }
+        items: list[Any] = []
+        if not privacy:
+            shown = [{"example": q, "label": label, "score": float(probs[qi, predicted])}]
+            query_fig = examples_figure(shown, lambda i: _image(test.dataset, i), "the query (test example, p)")
+            items += [query_fig] if query_fig is not None else []
+        for name, attribution in results.items():
+            layer_doc, figs = _layer(trace, explainer.stop, attribution, qi, name, score, top_k, privacy)
+            entry["layers"][name] = layer_doc
+            densities = {
+                c: d.numpy() for c, d in ridge_densities(attribution, trace.steps.label, qi, grid, bandwidth).items()
+            }
+            items.append(
+                ridge_figure(
+                    grid.numpy(),
+                    densities,
+                    top_classes,
+                    predicted,
+                    f"{name}: cos of each step's contribution, by the step's class",
+                )
+            )
+            if not privacy:
+                for kind, examples in figs:
+                    if not examples:
+                        items.append(f"<p>{name}: no {kind} (no training example has a negative score).</p>")
+                        continue
+                    fig = examples_figure(examples, lambda i: _image(train_set, i), f"{name}: {kind}")
+                    items.append(fig if fig is not None else f"<h4>{name}: {kind}</h4>" + examples_table(examples))
+        doc["queries"].append(entry)
+        sections.append(
+            {
+                "heading": f"Query {q}: label {label}, predicted {predicted} (p={float(probs[qi, predicted]):.2f})",
+                "items": items,
+            }
+        )
+    (out_dir / "influence.json").write_text(json.dumps(doc, indent=1))
+    write_report(out_dir / "report.html", sections, f"Why did the model learn this? ({trace.module.class_path})")
+    return doc
+
+
+def _layer(
+    trace: Trace, stop: int, a: LayerAttribution, qi: int, name: str, score: str, top_k: int, privacy: bool
+) -> tuple[dict[str, Any], list[tuple[str, list[dict[str, Any]]]]]:
+    step_scores = (a.gamma if score == "gamma" else a.cos)[qi : qi + 1]
+    per_example, labels = example_attribution(trace, step_scores, stop, split=score == "gamma")
+    gamma_examples, _ = example_attribution(trace, a.gamma[qi : qi + 1], stop)
+    classes = class_attribution(gamma_examples, labels)
+    doc: dict[str, Any] = {
+        "class_scores": dict(sorted(((str(c), float(v[0])) for c, v in classes.items()), key=lambda kv: -kv[1])),
+        "init_score": float(a.init[qi]),
+        "norm_sq": float(a.z_sq[qi]),
+        "completeness_residual": float(a.residual[qi]),
+    }
+    if privacy:
+        return doc, []
+    s = per_example[0]
+    seen = labels >= 0
+    k = min(top_k, int(seen.sum()))
+    order = torch.argsort(torch.where(seen, s, torch.full_like(s, -torch.inf)), descending=True)[:k]
+    worst = torch.argsort(torch.where(seen, s, torch.full_like(s, torch.inf)))[:k]
+    doc["top_examples"] = [_example(i, labels[i], s[i]) for i in order.tolist()]
+    doc["opponents"] = [_example(i, labels[i], s[i]) for i in worst.tolist() if s[i] < 0]
+    return doc, [("most influential training examples", doc["top_examples"]), ("strongest opponents", doc["opponents"])]
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(prog="python -m lightning_tracetrain.explain", description=__doc__.splitlines()[0])
+    parser.add_argument("--ckpt", required=True, help="Lightning checkpoint of the traced run")
+    parser.add_argument("--trace", required=True, help="the trace directory")
+    parser.add_argument("--queries", type=int, nargs="+", default=[0, 1, 2], help="test-set indices (default 0 1 2)")
+    parser.add_argument("--layers", nargs="+", default=None, help="layers to explain (default: all traced)")
+    parser.add_argument("--top-k", type=int, default=5, help="training examples to list per layer (default 5)")
+    parser.add_argument("--out", default="explanations", help="output folder (default: explanations)")
+    parser.add_argument(
+        "--score",
+        choices=["gamma", "cosine"],
+        default="gamma",
+        help="rank examples by summed gamma (Algorithm 1, default) or summed cosine",
+    )
+    parser.add_argument("--privacy", action="store_true", help="class-level aggregates only: no example ids or images")
+    parser.add_argument("--bandwidth", type=float, default=0.1, help="KDE bandwidth of the ridge plots")
+    parser.add_argument("--num-workers", type=int, default=0, help="DataLoader workers reading the trace")
+    args = parser.parse_args(argv)
+    try:
+        doc = explain(
+            args.ckpt,
+            args.trace,
+            args.queries,
+            args.layers,
+            args.top_k,
+            args.out,
+            args.score,
+            args.privacy,
+            args.bandwidth,
+            args.num_workers,
+        )
+    except TraceTrainError as exc:
+        parser.exit(2, f"error: {exc}\n")
+    print(
+        f"explained {len(doc['queries'])} queries with {doc['steps']} steps; wrote {args.out}/influence.json "
+        f"and {args.out}/report.html"
+    )
+    return doc
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,345 @@
+"""Explainer: attribute each traced layer's pre-activation for query inputs to training steps.
+
+For every query and traced layer it captures the layer's input ``H`` and
+pre-activation ``Z`` (final weights), computes the query gradient ``G``, then
+streams the trace's delta chunks through a DataLoader and computes, per step,
+``gamma_t`` (eq. 6), ``cos_t`` (eq. 7) and ``||H D_t^T + d_t||``. One pass over
+the trace serves all queries. The math lives in :mod:`lightning_tracetrain.functional`.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+from lightning.pytorch.utilities import move_data_to_device
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset
+
+from lightning_tracetrain import functional as Fx
+from lightning_tracetrain.exceptions import TraceFormatError, TraceMismatchError
+from lightning_tracetrain.trace import Trace
+from lightning_tracetrain.trace.schema import ClassSpec
+
+
+class DeltaChunks(Dataset):
+    """Item ``i``: the deltas of the chosen layers for the ``i``-th stored chunk of steps.
+
+    Opens the trace lazily, so it works in DataLoader worker processes.
+    """
+
+    def __init__(self, path: str, layers: Sequence[str], stop: int, chunk_steps: int) -> None:
+        self.path, self.layers, self.stop, self.chunk_steps = path, list(layers), stop, chunk_steps
+        self._trace: Trace | None = None
+
+    def __len__(self) -> int:
+        return -(-self.stop // self.chunk_steps)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        if self._trace is None:
+            self._trace = Trace(self.path)
+        start, stop = i * self.chunk_steps, min(self.stop, (i + 1) * self.chunk_steps)
+        return {
+            "start": start,
+            "stop": stop,
+            "deltas": {lay: self._trace.deltas(lay, start, stop) for lay in self.layers},
+        }
+
+
+@dataclass
+class LayerAttribution:
+    """Per-step attribution of one layer's pre-activation, for all queries of a call."""
+
+    gamma: Tensor  # (Q, steps): <Z, H D_t^T + d_t>
+    cos: Tensor  # (Q, steps)
+    norm: Tensor  # (Q, steps): ||H D_t^T + d_t||
+    init: Tensor  # (Q,): gamma_0, the initialization's share
+    z_sq: Tensor  # (Q,): ||Z||^2
+
+    @property
+    def residual(self) -> Tensor:
+        """Relative completeness residual ``(gamma_0 + sum_t gamma_t - ||Z||^2) / ||Z||^2`` (zero up to rounding)."""
+        total = self.init.double() + self.gamma.double().sum(1)
+        return (total - self.z_sq.double()) / self.z_sq.double().clamp_min(1e-30)
+
+
+@dataclass
+class _Query:
+    x: Tensor  # the layer's input for this query
+    z: Tensor  # its pre-activation with the final weights
+
+
+def _capture(name: str, seen: dict[str, _Query]) -> Any:
+    def hook(module: nn.Module, args: tuple[Any, ...], out: Tensor) -> None:
+        seen.setdefault(name, _Query(args[0].detach(), out.detach()))  # the first call (a layer may be reused)
+
+    return hook
+
+
+class Explainer(pl.LightningModule):
+    """Attributes traced layers' pre-activations for query inputs to the training steps of a trace.
+
+    Args:
+        model: The trained model (its traced layers hold the weights after ``stop`` steps).
+        trace: A :class:`~lightning_tracetrain.Trace` or its path.
+        layers: Layers to explain (default: every traced layer).
+        stop: Explain with the first ``stop`` steps (default: all); the model must hold ``weights_at(stop)``.
+
+    Example:
+        >>> explainer = Explainer(model, "runs/demo/trace")  # doctest: +SKIP
+        >>> result = explainer.explain([test_batch_of_one])  # doctest: +SKIP
+        >>> result["net.fc2"].gamma.shape  # (queries, steps)  # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        trace: Trace | str,
+        layers: Sequence[str] | None = None,
+        stop: int | None = None,
+    ) -> None:
+        super().__init__()
+        self.model = model.eval()
+        self.trace = trace if isinstance(trace, Trace) else Trace(trace)
+        if self.trace.num_steps == 0:
+            raise TraceFormatError(
+                f"The trace at {self.trace.path} has no committed step: nothing to explain. Train longer, or check "
+                "that the run that wrote it did not stop before its first commit."
+            )
+        self.stop = self.trace.num_steps if stop is None else stop
+        for name in layers or []:
+            self.trace.layer(name)  # raises UnknownLayerError listing the traced layers
+        self.layer_names = list(layers or self.trace.layers)
+        modules = dict(model.named_modules())
+        missing = [n for n in self.layer_names if n not in modules]
+        if missing:
+            raise TraceMismatchError(
+                f"The model has no layer {', '.join(missing)} that the trace recorded; the checkpoint and the trace "
+                f"are of different models (trace: {self.trace.spec.describe()})."
+            )
+        self.layers = {n: modules[n] for n in self.layer_names}
+        self._check_weights()
+        self._queries: dict[str, list[_Query]] = {}
+        self._grads: dict[str, dict[str, Tensor]] = {}
+        self._out: dict[str, dict[str, Tensor]] = {}
+
+    @classmethod
+    def from_checkpoint(
+        cls, ckpt: str | Path, trace: Trace | str | Path, layers: Sequence[str] | None = None
+    ) -> Explainer:
+        """Rebuild the traced LightningModule from a Lightning checkpoint and pair it with its trace.
+
+        The model class is the one the trace recorded; a checkpoint saved before
+        the end of training is explained with the steps it had taken.
+        """
+        trace = trace if isinstance(trace, Trace) else Trace(trace)
+        model, global_step = load_model(trace, ckpt)
+        return cls(model, trace, layers, stop=steps_until(trace, global_step))
+
+    # ------------------------------------------------------------------ checks
+
+    def _check_weights(self) -> None:
+        """The model's traced layers must hold ``initial + sum of the first stop deltas``."""
+        weights = self.trace.weights_at(self.stop)
+        for name in self.layer_names:
+            for param, value in weights[name].items():
+                actual = getattr(self.layers[name], param).detach().float().cpu()
+                if actual.shape != value.shape or not torch.allclose(actual, value, rtol=1e-4, atol=1e-5):
+                    raise TraceMismatchError(
+                        f"Layer {name}.{param} of the model does not match the trace at {self.trace.path} after "
+                        f"{self.stop} steps: the checkpoint and the trace are from different models or runs. "
+                        "Use the checkpoint saved by the traced run."
+                    )
+
+    # ------------------------------------------------------------------ queries
+
+    @torch.no_grad()
+    def set_queries(self, batches: Sequence[Any]) -> Tensor:
+        """Capture every layer's input and pre-activation for each query (one batch of one example each).
+
+        Returns the model's logits for the queries, ``(Q, classes)``.
+        """
+        device = next(self.model.parameters()).device
+        captured: dict[str, list[_Query]] = {n: [] for n in self.layer_names}
+        logits = []
+        for batch in batches:
+            seen: dict[str, _Query] = {}
+            hooks = [module.register_forward_hook(_capture(name, seen)) for name, module in self.layers.items()]
+            try:
+                batch = move_data_to_device(batch, device)
+                logits.append(self.model(batch["x"] if isinstance(batch, Mapping) else batch).reshape(1, -1))
+            finally:
+                for h in hooks:
+                    h.remove()
+            for name in self.layer_names:
+                captured[name].append(seen[name])
+        self._queries = captured
+        self._grads = {}
+        for name, module in self.layers.items():
+            params = {p: getattr(module, p).detach() for p in self.trace.layer(name).params}
+            grads = [Fx.query_gradient(module, q.x, params)[1] for q in captured[name]]
+            self._grads[name] = {p: torch.stack([g[p] for g in grads]) for p in params}
+        self._reset_outputs()
+        return torch.cat(logits)
+
+    def _reset_outputs(self) -> None:
+        q, t = len(next(iter(self._queries.values()))), self.stop
+        device = next(self.model.parameters()).device
+        self._out = {
+            name: {k: torch.zeros(q, t, device=device) for k in ("gamma", "cos", "norm")} for name in self.layer_names
+        }
+
+    # ------------------------------------------------------------------ the pass over the trace
+
+    def chunk_loader(self, num_workers: int = 0) -> DataLoader:
+        """The trace's delta chunks as a DataLoader (pinned memory when a GPU is used)."""
+        return DataLoader(
+            DeltaChunks(self.trace.path, self.layer_names, self.stop, self.trace.spec.chunk_steps),
+            batch_size=None,
+            num_workers=num_workers,
+            pin_memory=torch.cuda.is_available(),
+            multiprocessing_context="spawn" if num_workers else None,  # zarr's I/O thread does not survive fork
+            persistent_workers=False,
+        )
+
+    def predict_step(self, batch: dict[str, Any], batch_idx: int = 0) -> None:
+        start, stop = batch["start"], batch["stop"]
+        for name, module in self.layers.items():
+            deltas = {p: d.to(self._grads[name][p].device, non_blocking=True) for p, d in batch["deltas"][name].items()}
+            gamma = Fx.step_gammas(deltas, self._grads[name]).T  # (Q, T)
+            norms = torch.stack([Fx.contribution_norms(module, q.x, deltas) for q in self._queries[name]])
+            z_norm = torch.stack([q.z.norm() for q in self._queries[name]])[:, None]
+            out = self._out[name]
+            out["gamma"][:, start:stop] = gamma
+            out["norm"][:, start:stop] = norms
+            out["cos"][:, start:stop] = Fx.cosines(gamma, z_norm, norms)
+
+    def explain(self, batches: Sequence[Any], trainer: pl.Trainer | None = None) -> dict[str, LayerAttribution]:
+        """Attribute every layer for the queries (one batch of one example each), in one pass over the trace."""
+        self.set_queries(batches)
+        trainer = trainer or pl.Trainer(
+            accelerator="auto", devices=1, logger=False, inference_mode=False, enable_model_summary=False
+        )
+        trainer.predict(self, self.chunk_loader(), return_predictions=False)
+        return self.results()
+
+    def results(self) -> dict[str, LayerAttribution]:
+        """Attributions of the last pass, per layer (on the CPU)."""
+        out = {}
+        for name, module in self.layers.items():
+            initial = self.trace.initial(name)
+            params = {p: v.to(self._grads[name][p].device) for p, v in initial.items()}
+            init = torch.stack([(q.z * Fx.layer_output(module, q.x, params)).sum() for q in self._queries[name]])
+            z_sq = torch.stack([q.z.pow(2).sum() for q in self._queries[name]])
+            o = self._out[name]
+            out[name] = LayerAttribution(o["gamma"].cpu(), o["cos"].cpu(), o["norm"].cpu(), init.cpu(), z_sq.cpu())
+        return out
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.model(*args, **kwargs)
+
+    def configure_optimizers(self) -> None:
+        return None
+
+
+# ---------------------------------------------------------------------- loading
+
+
+def import_class(spec: ClassSpec) -> type:
+    module, _, name = spec.class_path.rpartition(".")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as exc:
+        raise TraceMismatchError(
+            f"Cannot import {spec.class_path}, which the trace recorded; install the code that trained the model."
+        ) from exc
+
+
+def load_model(trace: Trace, ckpt: str | Path) -> tuple[pl.LightningModule, int]:
+    """The traced LightningModule with the checkpoint's weights, and the checkpoint's global step."""
+    cls = import_class(trace.module)
+    try:
+        model = cls.load_from_checkpoint(str(ckpt), map_location="cpu", weights_only=False)
+    except (RuntimeError, KeyError, TypeError) as exc:
+        raise TraceMismatchError(
+            f"The checkpoint {ckpt} does not fit {trace.module.class_path}, the model the trace at {trace.path} "
+            f"recorded: the checkpoint and the trace are of different models ({exc.__class__.__name__}: "
+            f"{str(exc).splitlines()[0]})."
+        ) from exc
+    step = int(torch.load(str(ckpt), map_location="cpu", weights_only=False).get("global_step", -1))
+    return model.eval(), step
+
+
+def steps_until(trace: Trace, global_step: int) -> int:
+    """How many recorded steps a checkpoint saved at ``global_step`` had taken."""
+    if global_step < 0:
+        return trace.num_steps
+    return int(np.searchsorted(trace.steps.global_step, global_step, side="left"))
+
+
+# ---------------------------------------------------------------------- aggregation
+
+
+def example_attribution(trace: Trace, step_scores: Tensor, stop: int, split: bool = True) -> tuple[Tensor, Tensor]:
+    """Algorithm 1 over the trace's real rows: ``(Q, num_examples)`` scores and each example's label.
+
+    With ``split`` a step's score is divided equally over its real examples (gamma);
+    without, every example of the step gets the whole score (the cosine ranking).
+    """
+    steps, ex = trace.steps, trace.examples
+    rows_per_step = steps.example_stop[:stop] - steps.example_start[:stop]
+    row_step = np.repeat(np.arange(stop), rows_per_step)
+    n_rows = int(steps.example_stop[stop - 1])
+    real = ~ex.ghost[:n_rows]
+    n_real = np.bincount(row_step[real], minlength=stop).astype(np.float64)
+    weight = 1.0 / np.maximum(n_real[row_step[real]], 1) if split else np.ones(int(real.sum()))
+    index = ex.index[:n_rows][real]
+    num = int(index.max()) + 1 if len(index) else 0
+    scores = Fx.example_scores(
+        step_scores.double(),
+        torch.from_numpy(row_step[real]),
+        torch.from_numpy(index),
+        torch.from_numpy(weight),
+        num,
+    )
+    labels = np.full(num, -1, dtype=np.int64)
+    label = ex.label[:n_rows][real]
+    if label.ndim == 1:
+        labels[index] = label
+    return scores, torch.from_numpy(labels)
+
+
+def class_attribution(example_scores: Tensor, labels: Tensor) -> dict[int, Tensor]:
+    """Per class, the summed example scores ``(Q,)``: for single-class steps, the class's share of gamma."""
+    return {int(c): example_scores[:, labels == c].sum(1) for c in torch.unique(labels) if c >= 0}
+
+
+def ridge_densities(
+    attribution: LayerAttribution, step_labels: np.ndarray, query: int, grid: Tensor, bandwidth: float = 0.1
+) -> dict[int, Tensor]:
+    """Algorithm 3: per class, the weighted KDE of ``cos_t`` over its steps (weights: ``||H D_t^T + d_t||``)."""
+    cos, norm = attribution.cos[query], attribution.norm[query]
+    labels = torch.from_numpy(step_labels[: cos.shape[0]])
+    return {
+        int(c): Fx.weighted_kde(cos[labels == c].double(), norm[labels == c].double(), grid.double(), bandwidth)
+        for c in torch.unique(labels)
+        if c >= 0
+    }
+
+
+__all__ = [
+    "DeltaChunks",
+    "Explainer",
+    "LayerAttribution",
+    "class_attribution",
+    "example_attribution",
+    "import_class",
+    "load_model",
+    "ridge_densities",
+]

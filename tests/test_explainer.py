@@ -1,0 +1,131 @@
+"""The explainer: exact decomposition, agreement with a direct per-step loop, and clear errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from conftest import TinyCNN, TinyGNN, image_loader, quiet_trainer, tiny_graphs
+from torch import Tensor, nn
+from torch_geometric.data import Batch
+from torch_geometric.nn import GCNConv
+
+from lightning_tracetrain import IndexedDataset, Trace, TraceCallback, TraceFormatError, TraceMismatchError
+from lightning_tracetrain import functional as Fx
+from lightning_tracetrain.explainer import Explainer, class_attribution, example_attribution
+
+
+@pytest.mark.parametrize(
+    "layer",
+    [nn.Linear(6, 4), nn.Conv2d(3, 5, 3, stride=2, padding=1), GCNConv(6, 4).lin, nn.Conv1d(2, 3, 4, dilation=2)],
+    ids=["linear", "conv2d-stride-padding", "pyg-linear", "conv1d-dilation"],
+)
+def test_completeness_of_the_decomposition(layer):
+    """gamma_0 + sum_t gamma_t == ||Z||^2 with initialization and biases included."""
+    torch.manual_seed(0)
+    shapes = {"weight": layer.weight.shape, **({"bias": layer.bias.shape} if layer.bias is not None else {})}
+    initial = {p: torch.randn(s) for p, s in shapes.items()}
+    deltas = {p: 0.1 * torch.randn(7, *s) for p, s in shapes.items()}
+    final = {p: initial[p] + deltas[p].sum(0) for p in shapes}
+    x = {nn.Linear: torch.randn(5, 6), nn.Conv2d: torch.randn(1, 3, 9, 9), nn.Conv1d: torch.randn(1, 2, 20)}.get(
+        type(layer), torch.randn(5, 6)
+    )
+    z, grads = Fx.query_gradient(layer, x, final)
+    gamma = Fx.step_gammas(deltas, {p: g[None] for p, g in grads.items()})[:, 0]
+    gamma0 = (z * Fx.layer_output(layer, x, initial)).sum()
+    residual = (gamma0 + gamma.sum() - z.pow(2).sum()) / z.pow(2).sum()
+    assert abs(float(residual)) <= 1e-5
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> tuple[TinyCNN, Trace, list[dict[str, Tensor]]]:
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("explain") / "t"
+    model = TinyCNN()
+    quiet_trainer(max_epochs=2, callbacks=[TraceCallback(path, chunk_steps=4)]).fit(model, image_loader(n=40))
+    queries = [{"x": torch.randn(1, 1, 6, 6, generator=torch.Generator().manual_seed(s))} for s in range(3)]
+    return model, Trace(path), queries
+
+
+def test_explainer_is_exact_and_agrees_with_a_direct_per_step_loop(tiny):
+    model, trace, queries = tiny
+    results = Explainer(model, trace).explain(queries)
+    assert set(results) == {"conv", "fc", "head"}
+    for name, a in results.items():
+        assert a.gamma.shape == (3, trace.num_steps)
+        assert a.residual.abs().max() <= 1e-5, name
+        layer = dict(model.named_modules())[name]
+        deltas = trace.deltas(name)
+        for q, query in enumerate(queries):
+            seen = {}
+            hook = layer.register_forward_hook(lambda m, args, out, seen=seen: seen.update(x=args[0], z=out))
+            with torch.no_grad():
+                model(query["x"])
+            hook.remove()
+            for t in range(0, trace.num_steps, 3):  # the slow reference: the layer's forward with D_t as weight
+                contrib = Fx.layer_output(layer, seen["x"], {p: d[t] for p, d in deltas.items()})
+                gamma = (seen["z"] * contrib).sum()
+                torch.testing.assert_close(a.gamma[q, t], gamma, atol=1e-5, rtol=1e-4)
+                torch.testing.assert_close(a.norm[q, t], contrib.norm(), atol=1e-5, rtol=1e-4)
+                torch.testing.assert_close(
+                    a.cos[q, t], gamma / (seen["z"].norm() * contrib.norm()), atol=1e-5, rtol=1e-4
+                )
+
+
+def test_a_batch_of_queries_equals_one_at_a_time(tiny):
+    model, trace, queries = tiny
+    together = Explainer(model, trace).explain(queries)
+    for q, query in enumerate(queries):
+        alone = Explainer(model, trace).explain([query])
+        for name in together:
+            for field in ("gamma", "cos", "norm", "init", "z_sq"):
+                torch.testing.assert_close(getattr(alone[name], field)[0], getattr(together[name], field)[q])
+
+
+def test_algorithm_1_splits_each_steps_gamma_over_its_real_examples(tiny):
+    model, trace, queries = tiny
+    gamma = Explainer(model, trace, layers=["head"]).explain(queries[:1])["head"].gamma
+    scores, labels = example_attribution(trace, gamma, trace.num_steps)
+    expected = torch.zeros(40, dtype=torch.float64)
+    for t in range(trace.num_steps):
+        ids = trace.real_examples(t)
+        expected[ids] += float(gamma[0, t]) / len(ids)
+    torch.testing.assert_close(scores[0], expected)
+    torch.testing.assert_close(sum(class_attribution(scores, labels).values())[0], gamma[0].double().sum())
+
+
+def test_graph_layers_are_explained_exactly(tmp_path):
+    from torch_geometric.loader import DataLoader as GraphLoader
+
+    graphs, model = tiny_graphs(), TinyGNN(momentum=0.9)
+    quiet_trainer(max_epochs=2, callbacks=[TraceCallback(tmp_path / "t")]).fit(
+        model, GraphLoader(IndexedDataset(graphs), batch_size=4)
+    )
+    results = Explainer(model, tmp_path / "t").explain(
+        [Batch.from_data_list([graphs[0]]), Batch.from_data_list([graphs[5]])]
+    )
+    assert set(results) == {"gin.nn.0", "gin.nn.2", "gcn.lin", "out"}
+    for a in results.values():
+        assert a.residual.abs().max() <= 1e-5
+
+
+def test_bad_input_is_named(tiny, tmp_path):
+    model, trace, _ = tiny
+    with pytest.raises(Exception, match=r"'nope' was not traced.*Traced layers: conv, fc, head"):
+        Explainer(model, trace, layers=["nope"])
+    other = TinyCNN()  # same architecture, other weights: a checkpoint of another run
+    with pytest.raises(TraceMismatchError, match="different models or runs"):
+        Explainer(other, trace)
+    quiet_trainer(max_steps=0, callbacks=[TraceCallback(tmp_path / "empty")]).fit(TinyCNN(), image_loader())
+    with pytest.raises(TraceFormatError, match="no committed step"):
+        Explainer(TinyCNN(), tmp_path / "empty")
+
+
+def test_weighted_kde_integrates_to_one_and_follows_weights():
+    grid = torch.linspace(-1, 1, 401, dtype=torch.float64)
+    density = Fx.weighted_kde(torch.tensor([-0.5, 0.5]).double(), torch.tensor([1.0, 3.0]).double(), grid, 0.1)
+    assert abs(float(torch.trapezoid(density, grid)) - 1.0) < 1e-3
+    at = {v: int((grid - v).abs().argmin()) for v in (-0.5, 0.5)}
+    assert float(density[at[0.5]]) == pytest.approx(3 * float(density[at[-0.5]]), rel=1e-6)
+    assert Fx.weighted_kde(torch.tensor([]), torch.tensor([]), grid).abs().sum() == 0
+    assert np.isfinite(density.numpy()).all()
