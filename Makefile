@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/python -m lightning_tracetrain.demo --out runs/demo
+	$(BIN)/python -m lightning_tracetrain.demo --config configs/digits.yaml
 
 test: $(STAMP)
 	$(BIN)/python -m ruff check lightning_tracetrain tests benchmarks

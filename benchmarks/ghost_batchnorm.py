@@ -6,7 +6,7 @@
 
 Same CNN, optimizer, learning-rate schedule and number of epochs; mean over seeds.
 
-    python benchmarks/ghost_batchnorm.py [--epochs 12] [--seeds 0 1 2] [--out FILE.json]
+    python benchmarks/ghost_batchnorm.py [--epochs 10] [--seeds 0 1 2] [--out FILE.json]
 """
 
 from __future__ import annotations
@@ -56,7 +56,7 @@ def accuracy_of(variant: str, epochs: int, seed: int) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--epochs", type=int, default=12)
+    parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/ghost_batchnorm_digits.json"))
     args = parser.parse_args()

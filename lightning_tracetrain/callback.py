@@ -309,7 +309,8 @@ def _class_spec(obj: Any) -> ClassSpec:
             "define it at module level.",
             stacklevel=3,
         )
-    hparams = dict(getattr(obj, "hparams", {}) or {})
+    # LightningCLI adds private entries such as _class_path and _instantiator: not init arguments
+    hparams = {k: v for k, v in dict(getattr(obj, "hparams", {}) or {}).items() if not k.startswith("_")}
     safe: dict[str, Any] = {}
     for key, value in hparams.items():
         try:

@@ -90,9 +90,11 @@ class Explainer(pl.LightningModule):
         trace: A :class:`~lightning_tracetrain.Trace` or its path.
         layers: Layers to explain (default: every traced layer).
         stop: Explain with the first ``stop`` steps (default: all); the model must hold ``weights_at(stop)``.
+        norms: Also compute ``||H D_t^T + d_t||`` and ``cos_t`` (ridge plots); ``False`` computes gamma only,
+            which is much cheaper for many queries.
 
     Example:
-        >>> explainer = Explainer(model, "runs/demo/trace")  # doctest: +SKIP
+        >>> explainer = Explainer(model, "runs/digits/trace")  # doctest: +SKIP
         >>> result = explainer.explain([test_batch_of_one])  # doctest: +SKIP
         >>> result["net.fc2"].gamma.shape  # (queries, steps)  # doctest: +SKIP
     """
@@ -103,8 +105,10 @@ class Explainer(pl.LightningModule):
         trace: Trace | str,
         layers: Sequence[str] | None = None,
         stop: int | None = None,
+        norms: bool = True,
     ) -> None:
         super().__init__()
+        self.norms = norms
         self.model = model.eval()
         self.trace = trace if isinstance(trace, Trace) else Trace(trace)
         if self.trace.num_steps == 0:
@@ -131,7 +135,7 @@ class Explainer(pl.LightningModule):
 
     @classmethod
     def from_checkpoint(
-        cls, ckpt: str | Path, trace: Trace | str | Path, layers: Sequence[str] | None = None
+        cls, ckpt: str | Path, trace: Trace | str | Path, layers: Sequence[str] | None = None, norms: bool = True
     ) -> Explainer:
         """Rebuild the traced LightningModule from a Lightning checkpoint and pair it with its trace.
 
@@ -140,7 +144,7 @@ class Explainer(pl.LightningModule):
         """
         trace = trace if isinstance(trace, Trace) else Trace(trace)
         model, global_step = load_model(trace, ckpt)
-        return cls(model, trace, layers, stop=steps_until(trace, global_step))
+        return cls(model, trace, layers, stop=steps_until(trace, global_step), norms=norms)
 
     # ------------------------------------------------------------------ checks
 
@@ -213,10 +217,12 @@ class Explainer(pl.LightningModule):
         for name, module in self.layers.items():
             deltas = {p: d.to(self._grads[name][p].device, non_blocking=True) for p, d in batch["deltas"][name].items()}
             gamma = Fx.step_gammas(deltas, self._grads[name]).T  # (Q, T)
-            norms = torch.stack([Fx.contribution_norms(module, q.x, deltas) for q in self._queries[name]])
-            z_norm = torch.stack([q.z.norm() for q in self._queries[name]])[:, None]
             out = self._out[name]
             out["gamma"][:, start:stop] = gamma
+            if not self.norms:
+                continue
+            norms = torch.stack([Fx.contribution_norms(module, q.x, deltas) for q in self._queries[name]])
+            z_norm = torch.stack([q.z.norm() for q in self._queries[name]])[:, None]
             out["norm"][:, start:stop] = norms
             out["cos"][:, start:stop] = Fx.cosines(gamma, z_norm, norms)
 

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset, Sampler, TensorDataset
+from torch.utils.data import Dataset, Sampler, Subset, TensorDataset
 
 from lightning_tracetrain.batch import IndexedDataset
 
@@ -127,15 +127,22 @@ class SingleClassBatchSampler(Sampler[list[tuple[int, bool]]]):
 def dataset_labels(dataset: Dataset) -> np.ndarray:
     """Integer class labels of every example of a dataset, read cheaply where possible.
 
-    Looks at ``TensorDataset`` tensors, ``targets`` (torchvision) and ``y``
-    attributes before falling back to reading every item's ``y``.
+    Looks through ``IndexedDataset`` and ``Subset`` wrappers at ``TensorDataset``
+    tensors, ``targets`` (torchvision) and PyG in-memory datasets' stored ``y``
+    before falling back to reading every item's ``y``.
     """
     inner: Any = dataset.dataset if isinstance(dataset, IndexedDataset) else dataset
+    if isinstance(inner, Subset):
+        return dataset_labels(inner.dataset)[np.asarray(inner.indices)]
     if isinstance(inner, TensorDataset) and len(inner.tensors) >= 2:
         return inner.tensors[1].reshape(len(inner), -1)[:, 0].cpu().numpy()
     targets = getattr(inner, "targets", None)
     if targets is not None and len(targets) == len(inner):
         return np.asarray(targets).reshape(-1)
+    stored = getattr(inner, "_data", None)  # a PyG InMemoryDataset (or a subset of one): one y per graph
+    y = getattr(stored, "y", None) if stored is not None else None
+    if isinstance(y, torch.Tensor) and hasattr(inner, "indices") and y.shape[0] == inner.len():
+        return y.reshape(y.shape[0], -1)[:, 0][torch.as_tensor(list(inner.indices()))].cpu().numpy()
     labels = []
     for i in range(len(inner)):
         item = inner[i]

@@ -129,3 +129,39 @@ def tiny_graphs(n: int = 12) -> list[Any]:
 @pytest.fixture
 def make_trainer() -> Callable[..., pl.Trainer]:
     return quiet_trainer
+
+
+def make_fake_ogbg_ppa(root: Any, n_graphs: int = 60, seed: int = 0) -> Any:
+    """A tiny ogbg-ppa in OGB's on-disk layout: headerless gzipped CSVs, species split, RELEASE_v1.txt.
+
+    Graphs have 4-8 nodes with local edge ids, 7 edge features in [0, 1], and
+    labels from 4 imbalanced classes (ppa's are imbalanced too).
+    """
+    from pathlib import Path
+
+    import numpy as np
+    import pandas as pd
+
+    folder = Path(root) / "ogbg_ppa"
+    (folder / "raw").mkdir(parents=True)
+    (folder / "split" / "species").mkdir(parents=True)
+    (folder / "RELEASE_v1.txt").write_text("a test fixture in OGB's layout\n")
+    rng = np.random.default_rng(seed)
+    nodes = rng.integers(4, 9, n_graphs)
+    edges = [np.stack([rng.integers(0, n, 2 * n), rng.integers(0, n, 2 * n)], 1) for n in nodes]
+    labels = rng.choice(4, size=n_graphs, p=[0.4, 0.3, 0.2, 0.1])
+
+    def write(name: str, values: Any) -> None:
+        pd.DataFrame(values).to_csv(folder / name, compression="gzip", header=False, index=False)
+
+    write("raw/edge.csv.gz", np.concatenate(edges))
+    write("raw/edge-feat.csv.gz", rng.random((sum(len(e) for e in edges), 7)).round(3))
+    write("raw/num-node-list.csv.gz", nodes)
+    write("raw/num-edge-list.csv.gz", [len(e) for e in edges])
+    write("raw/graph-label.csv.gz", labels)
+    order = rng.permutation(n_graphs)
+    cut1, cut2 = int(0.6 * n_graphs), int(0.8 * n_graphs)
+    write("split/species/train.csv.gz", np.sort(order[:cut1]))
+    write("split/species/valid.csv.gz", np.sort(order[cut1:cut2]))
+    write("split/species/test.csv.gz", np.sort(order[cut2:]))
+    return Path(root)

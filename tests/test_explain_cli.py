@@ -23,9 +23,16 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("digits")
-    demo.main(["--out", str(out), "--epochs", "1", "--queries", "0", "1"])
-    return out
+    """`make demo`'s job (configs/digits.yaml through LightningCLI), one epoch, in a fresh folder."""
+    folder = tmp_path_factory.mktemp("digits")
+    config = Path(__file__).parents[1] / "configs" / "digits.yaml"
+    cwd = os.getcwd()
+    os.chdir(folder)
+    try:
+        demo.main(["--config", str(config), "--epochs", "1", "--queries", "0", "1"])
+    finally:
+        os.chdir(cwd)
+    return folder / "runs" / "digits"
 
 
 def test_demo_trains_traces_explains_and_reports(run):
@@ -42,7 +49,7 @@ def test_cli_writes_the_documented_influence_json(run, tmp_path):
     doc = explain_main(
         [
             "--ckpt",
-            str(run / "model.ckpt"),
+            str(run / "checkpoints" / "last.ckpt"),
             "--trace",
             str(run / "trace"),
             "--queries",
@@ -80,7 +87,7 @@ def test_cosine_ranking_and_privacy_mode_through_python_m(run, tmp_path):
             "-m",
             "lightning_tracetrain.explain",
             "--ckpt",
-            str(run / "model.ckpt"),
+            str(run / "checkpoints" / "last.ckpt"),
             "--trace",
             str(run / "trace"),
             "--queries",
@@ -139,7 +146,14 @@ def test_report_loads_in_headless_chromium_without_console_errors(run):
 
 
 def test_cli_names_bad_input(run, tmp_path, capsys):
-    base = ["--ckpt", str(run / "model.ckpt"), "--trace", str(run / "trace"), "--out", str(tmp_path / "x")]
+    base = [
+        "--ckpt",
+        str(run / "checkpoints" / "last.ckpt"),
+        "--trace",
+        str(run / "trace"),
+        "--out",
+        str(tmp_path / "x"),
+    ]
     other = DigitsCNN(channels=4)  # a checkpoint of another model of the same class
     trainer = quiet_trainer(max_steps=1)
     trainer.fit(other, DigitsDataModule())

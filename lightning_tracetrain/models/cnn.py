@@ -6,15 +6,13 @@ import math
 from collections import OrderedDict
 from typing import Any, Literal
 
-import lightning.pytorch as pl
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_tracetrain.functional import real_cross_entropy
+from lightning_tracetrain.models.classifier import Classifier
 
 
-class DigitsCNN(pl.LightningModule):
+class DigitsCNN(Classifier):
     """Two 3x3 convolutions, max pooling and two fully connected layers.
 
     Traced layers (qualified names): ``net.conv1``, ``net.conv2``, ``net.fc1`` and
@@ -79,23 +77,6 @@ class DigitsCNN(pl.LightningModule):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.net(x)
-
-    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
-        loss = real_cross_entropy(self(batch["x"]), batch["y"], batch.get("ghost"))
-        self.log("train_loss", loss, prog_bar=True, batch_size=len(batch["y"]))
-        return loss
-
-    def _evaluate(self, batch: dict[str, Tensor], stage: str) -> None:
-        logits = self(batch["x"])
-        acc = (logits.argmax(-1) == batch["y"]).float().mean()
-        self.log(f"{stage}_loss", F.cross_entropy(logits, batch["y"]), batch_size=len(batch["y"]))
-        self.log(f"{stage}_acc", acc, prog_bar=True, batch_size=len(batch["y"]))
-
-    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
-        self._evaluate(batch, "val")
-
-    def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
-        self._evaluate(batch, "test")
 
     def configure_optimizers(self) -> Any:
         hp = self.hparams

@@ -49,7 +49,7 @@ class Trace:
     whose writer was killed, reads as the steps committed so far.
 
     Example:
-        >>> trace = Trace("runs/demo/trace")  # doctest: +SKIP
+        >>> trace = Trace("runs/digits/trace")  # doctest: +SKIP
         >>> w = trace.initial("net.conv1")["weight"] + trace.deltas("net.conv1")["weight"].sum(0)  # doctest: +SKIP
     """
 
