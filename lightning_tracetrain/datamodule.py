@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+import torch
 from torch.utils.data import DataLoader, Dataset
 
 from lightning_tracetrain.batch import IndexedDataset, is_graph_item
@@ -61,6 +62,28 @@ class SingleClassBatchesMixin:
 
             return GraphLoader(indexed, batch_sampler=sampler, num_workers=num_workers, **loader_kwargs)
         return DataLoader(indexed, batch_sampler=sampler, num_workers=num_workers, **loader_kwargs)
+
+    def training_dataloader(
+        self,
+        dataset: Dataset,
+        batch_size: int,
+        ghost_size: int = 0,
+        *,
+        single_class: bool = True,
+        seed: int = 0,
+        num_workers: int = 0,
+    ) -> DataLoader:
+        """Single-class batches with ghosts, or (``single_class=False``) ordinary shuffled batches for comparison."""
+        if single_class:
+            return self.single_class_dataloader(dataset, batch_size, ghost_size, seed=seed, num_workers=num_workers)
+        if ghost_size:
+            raise ValueError("ghost_size needs single_class=True: ghosts complete single-class batches.")
+        indexed = dataset if isinstance(dataset, IndexedDataset) else IndexedDataset(dataset)
+        loader_cls: Any = DataLoader
+        if len(indexed) and is_graph_item(indexed.dataset[0]):
+            from torch_geometric.loader import DataLoader as loader_cls
+        generator = torch.Generator().manual_seed(seed)
+        return loader_cls(indexed, batch_size=batch_size, shuffle=True, generator=generator, num_workers=num_workers)
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         batch = super().on_after_batch_transfer(batch, dataloader_idx)  # type: ignore[misc]

@@ -4,17 +4,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import lightning.pytorch as pl
 import torch
-from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
+from torch.utils.data import Dataset, Subset, TensorDataset
 
 from lightning_tracetrain.batch import IndexedDataset
-from lightning_tracetrain.datamodule import SingleClassBatchesMixin
+from lightning_tracetrain.data.base import WorkloadDataModule
 
 _MEAN, _STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 
 
-class CIFAR10DataModule(SingleClassBatchesMixin, pl.LightningDataModule):
+class CIFAR10DataModule(WorkloadDataModule):
     """CIFAR-10 with the paper's batches: 88 real examples of one class plus 40 ghosts (4 per class).
 
     Args:
@@ -56,21 +55,6 @@ class CIFAR10DataModule(SingleClassBatchesMixin, pl.LightningDataModule):
         self.train_dataset = IndexedDataset(Subset(train, order[val_size:]))
         self.val_dataset = IndexedDataset(Subset(train, order[:val_size]))
         self.test_dataset = IndexedDataset(test)
-
-    def train_dataloader(self) -> DataLoader:
-        hp = self.hparams
-        if hp.single_class:
-            return self.single_class_dataloader(
-                self.train_dataset, hp.batch_size, hp.ghost_size, seed=hp.seed, num_workers=hp.num_workers
-            )
-        gen = torch.Generator().manual_seed(hp.seed)
-        return DataLoader(self.train_dataset, hp.batch_size, shuffle=True, generator=gen, num_workers=hp.num_workers)
-
-    def val_dataloader(self) -> DataLoader:
-        return DataLoader(self.val_dataset, batch_size=256, num_workers=self.hparams.num_workers)
-
-    def test_dataloader(self) -> DataLoader:
-        return DataLoader(self.test_dataset, batch_size=256, num_workers=self.hparams.num_workers)
 
 
 def _synthetic(n: int, seed: int) -> Dataset:

@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-import lightning.pytorch as pl
 import torch
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import TensorDataset
 
 from lightning_tracetrain.batch import IndexedDataset
-from lightning_tracetrain.datamodule import SingleClassBatchesMixin
+from lightning_tracetrain.data.base import WorkloadDataModule
 
 
-class DigitsDataModule(SingleClassBatchesMixin, pl.LightningDataModule):
+class DigitsDataModule(WorkloadDataModule):
     """Digits as ``(1, 8, 8)`` images in ``[0, 1]``, split stratified into train/val/test.
 
     Batches follow the batch protocol (``x``, ``y``, ``index``); ``index`` is the
@@ -56,26 +55,3 @@ class DigitsDataModule(SingleClassBatchesMixin, pl.LightningDataModule):
         self.train_dataset = IndexedDataset(TensorDataset(x[train], y[train]))
         self.val_dataset = IndexedDataset(TensorDataset(x[val], y[val]))
         self.test_dataset = IndexedDataset(TensorDataset(x[test], y[test]))
-
-    def train_dataloader(self) -> DataLoader:
-        hp = self.hparams
-        if hp.single_class:
-            return self.single_class_dataloader(
-                self.train_dataset, hp.batch_size, hp.ghost_size, seed=hp.seed, num_workers=hp.num_workers
-            )
-        if hp.ghost_size:
-            raise ValueError("ghost_size needs single_class=True: ghosts complete single-class batches.")
-        generator = torch.Generator().manual_seed(self.hparams.seed)
-        return DataLoader(
-            self.train_dataset,
-            batch_size=self.hparams.batch_size,
-            shuffle=True,
-            generator=generator,
-            num_workers=self.hparams.num_workers,
-        )
-
-    def val_dataloader(self) -> DataLoader:
-        return DataLoader(self.val_dataset, batch_size=256, num_workers=self.hparams.num_workers)
-
-    def test_dataloader(self) -> DataLoader:
-        return DataLoader(self.test_dataset, batch_size=256, num_workers=self.hparams.num_workers)

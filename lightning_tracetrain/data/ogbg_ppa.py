@@ -5,13 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import lightning.pytorch as pl
 import numpy as np
 import torch
-from torch.utils.data import Dataset
 
 from lightning_tracetrain.batch import IndexedDataset
-from lightning_tracetrain.datamodule import SingleClassBatchesMixin
+from lightning_tracetrain.data.base import WorkloadDataModule
 
 
 def _zero_node_features(data: Any) -> Any:
@@ -45,7 +43,7 @@ def load_ogbg_ppa(root: str | Path) -> Any:
         return PygGraphPropPredDataset("ogbg-ppa", root=str(root), transform=_zero_node_features)
 
 
-class OgbgPpaDataModule(SingleClassBatchesMixin, pl.LightningDataModule):
+class OgbgPpaDataModule(WorkloadDataModule):
     """ogbg-ppa with OGB's species split; single-class training batches (classes are imbalanced).
 
     Args:
@@ -78,28 +76,6 @@ class OgbgPpaDataModule(SingleClassBatchesMixin, pl.LightningDataModule):
         self.train_dataset = IndexedDataset(dataset[split["train"]])
         self.val_dataset = IndexedDataset(dataset[split["valid"]])
         self.test_dataset = IndexedDataset(dataset[split["test"]])
-
-    def train_dataloader(self) -> Any:
-        hp = self.hparams
-        if hp.single_class:
-            return self.single_class_dataloader(
-                self.train_dataset, hp.batch_size, hp.ghost_size, seed=hp.seed, num_workers=hp.num_workers
-            )
-        from torch_geometric.loader import DataLoader
-
-        gen = torch.Generator().manual_seed(hp.seed)
-        return DataLoader(self.train_dataset, hp.batch_size, shuffle=True, generator=gen, num_workers=hp.num_workers)
-
-    def _eval_loader(self, dataset: Dataset) -> Any:
-        from torch_geometric.loader import DataLoader
-
-        return DataLoader(dataset, batch_size=128, num_workers=self.hparams.num_workers)
-
-    def val_dataloader(self) -> Any:
-        return self._eval_loader(self.val_dataset)
-
-    def test_dataloader(self) -> Any:
-        return self._eval_loader(self.test_dataset)
 
 
 def ogb_accuracy(y_true: torch.Tensor, y_pred: torch.Tensor) -> float:

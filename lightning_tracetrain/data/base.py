@@ -1,0 +1,42 @@
+"""What the paper's datamodules share: single-class training batches, plain evaluation loaders."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning.pytorch as pl
+from torch.utils.data import DataLoader, Dataset
+
+from lightning_tracetrain.batch import is_graph_item
+from lightning_tracetrain.datamodule import SingleClassBatchesMixin
+
+
+class WorkloadDataModule(SingleClassBatchesMixin, pl.LightningDataModule):
+    """A datamodule whose ``setup`` sets ``train_dataset``, ``val_dataset`` and ``test_dataset``
+    (batch protocol) and whose hyperparameters include ``batch_size``, ``ghost_size``,
+    ``single_class``, ``seed`` and ``num_workers``.
+    """
+
+    train_dataset: Dataset
+    val_dataset: Dataset
+    test_dataset: Dataset
+    eval_batch_size = 256
+
+    def train_dataloader(self) -> Any:
+        hp = self.hparams
+        return self.training_dataloader(
+            self.train_dataset, hp.batch_size, hp.ghost_size, single_class=hp.single_class, seed=hp.seed,
+            num_workers=hp.num_workers,
+        )  # fmt: skip
+
+    def _eval_loader(self, dataset: Dataset) -> Any:
+        loader_cls: Any = DataLoader
+        if len(dataset) and is_graph_item(dataset[0]):  # type: ignore[arg-type]
+            from torch_geometric.loader import DataLoader as loader_cls
+        return loader_cls(dataset, batch_size=self.eval_batch_size, num_workers=self.hparams.num_workers)
+
+    def val_dataloader(self) -> Any:
+        return self._eval_loader(self.val_dataset)
+
+    def test_dataloader(self) -> Any:
+        return self._eval_loader(self.test_dataset)
