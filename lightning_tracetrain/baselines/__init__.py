@@ -1,0 +1,1 @@
+"""Baselines from the related papers, computed on the same trained model: Representer Points and TracIn."""

@@ -1,0 +1,116 @@
+"""Representer Point Selection (Yeh et al., NeurIPS 2018) on a model's last Linear layer.
+
+The last layer is fine-tuned, in float64 to a tight gradient tolerance, towards
+the model's own softmax outputs with an L2 penalty ``lambda ||W||^2``. At that
+stationary point ``W = sum_i alpha_i f_i^T`` with
+``alpha_i = (softmax_i - targets_i) / (-2 lambda n)``, so the fine-tuned logits
+of any input ``t`` are exactly ``sum_i alpha_i <f_i, f_t>`` (the representer
+values). The bias is handled as a weight on a constant feature 1.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from lightning.pytorch.utilities import move_data_to_device
+from torch import Tensor, nn
+
+from lightning_tracetrain.models.classifier import Classifier
+
+
+def last_linear(model: nn.Module) -> tuple[str, nn.Linear]:
+    """The model's last ``nn.Linear`` in module order (the logit layer)."""
+    linears = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    if not linears:
+        raise ValueError(f"{type(model).__name__} has no nn.Linear layer for Representer Points.")
+    return linears[-1]
+
+
+@torch.no_grad()
+def layer_features(model: nn.Module, layer: nn.Module, batches: Iterable[Any]) -> tuple[Tensor, Tensor]:
+    """The layer's inputs with a constant 1 appended (float64) and the model's logits, over all batches."""
+    device = next(model.parameters()).device
+    feats: list[Tensor] = []
+    hook = layer.register_forward_hook(lambda m, args, out: feats.append(args[0].detach().double()))
+    logits = []
+    try:
+        model.eval()
+        for batch in batches:
+            logits.append(model(Classifier.inputs(move_data_to_device(batch, device))).double())
+    finally:
+        hook.remove()
+    f = torch.cat(feats)
+    return torch.cat([f, torch.ones(len(f), 1, dtype=f.dtype, device=f.device)], 1), torch.cat(logits)
+
+
+def fit_last_layer(
+    features: Tensor, targets: Tensor, lam: float, init: Tensor | None = None, tol: float = 1e-10
+) -> tuple[Tensor, Tensor]:
+    """Minimize ``mean CE(softmax(F W^T), targets) + lam ||W||^2`` by L-BFGS; returns ``W`` and ``alpha``."""
+    n = features.shape[0]
+    w = (init.clone() if init is not None else torch.zeros(targets.shape[1], features.shape[1])).double()
+    w.requires_grad_(True)
+    opt = torch.optim.LBFGS(
+        [w], lr=1.0, max_iter=5000, tolerance_grad=tol, tolerance_change=1e-16, history_size=50,
+        line_search_fn="strong_wolfe",
+    )  # fmt: skip
+
+    def closure() -> Tensor:
+        opt.zero_grad()
+        logp = torch.log_softmax(features @ w.T, -1)
+        loss = -(targets * logp).sum(1).mean() + lam * w.pow(2).sum()
+        loss.backward()
+        return loss
+
+    for _ in range(20):  # L-BFGS stops at max_iter or a tolerance; restart until the gradient is tiny
+        opt.step(closure)
+        if w.grad is not None and float(w.grad.abs().max()) < tol:
+            break
+    w = w.detach()
+    alpha = (torch.softmax(features @ w.T, -1) - targets) / (-2.0 * lam * n)
+    return w, alpha
+
+
+@dataclass
+class RepresenterPoints:
+    """Representer values of every training example for test inputs.
+
+    Args:
+        model: The trained classifier (eval mode is used).
+        lam: L2 penalty of the fine-tuning (Yeh et al.: 0.003).
+
+    Example:
+        >>> rp = RepresenterPoints(model).fit(train_loader)  # doctest: +SKIP
+        >>> values = rp.values(test_batches)  # (queries, training examples), for the predicted class
+    """
+
+    model: nn.Module
+    lam: float = 0.003
+
+    def fit(self, train_batches: Iterable[Any]) -> RepresenterPoints:
+        """Fine-tune the last layer on the training features towards the model's own softmax outputs."""
+        self.layer_name, layer = last_linear(self.model)
+        self.features, logits = layer_features(self.model, layer, train_batches)
+        init = torch.cat([layer.weight.detach(), _bias(layer)[:, None]], 1).double().to(self.features.device)
+        self.weight, self.alpha = fit_last_layer(self.features, torch.softmax(logits, -1), self.lam, init)
+        return self
+
+    def logits(self, test_batches: Iterable[Any]) -> tuple[Tensor, Tensor]:
+        """Fine-tuned logits of test inputs, directly and as the representer sum (they agree)."""
+        f_t, _ = layer_features(self.model, last_linear(self.model)[1], test_batches)
+        return f_t @ self.weight.T, (f_t @ self.features.T) @ self.alpha
+
+    def values(self, test_batches: Iterable[Any]) -> tuple[Tensor, Tensor]:
+        """``alpha_ic <f_i, f_t>`` for each test input's predicted class ``c``: ``(Q, n)``, and the predictions."""
+        f_t, logits = layer_features(self.model, last_linear(self.model)[1], test_batches)
+        predicted = logits.argmax(-1)
+        return (f_t @ self.features.T) * self.alpha[:, predicted].T, predicted
+
+
+def _bias(layer: nn.Linear) -> Tensor:
+    return (
+        layer.bias.detach() if layer.bias is not None else torch.zeros(layer.out_features, device=layer.weight.device)
+    )
