@@ -74,6 +74,18 @@ def is_graph_item(item: Any) -> bool:
     return isinstance(item, Data)
 
 
+def loader_class(dataset: Any) -> type:
+    """PyG's DataLoader for a dataset of graphs (it collates them into a ``Batch``), else torch's."""
+    items = dataset.dataset if isinstance(dataset, IndexedDataset) else dataset
+    if len(items) and is_graph_item(items[0]):
+        from torch_geometric.loader import DataLoader as GraphLoader
+
+        return GraphLoader
+    from torch.utils.data import DataLoader
+
+    return DataLoader
+
+
 _GRAPH_CLASSES: dict[type, type] = {}
 
 

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from lightning_tracetrain.batch import IndexedDataset, is_graph_item
+from lightning_tracetrain.batch import IndexedDataset, loader_class
 from lightning_tracetrain.ghost import set_ghost_mask
 from lightning_tracetrain.sampler import SingleClassBatchSampler, dataset_labels
 
@@ -57,11 +57,7 @@ class SingleClassBatchesMixin:
         indexed = dataset if isinstance(dataset, IndexedDataset) else IndexedDataset(dataset)
         labels = dataset_labels(indexed) if labels is None else np.asarray(labels)
         sampler = SingleClassBatchSampler(labels, batch_size, ghost_size, seed=seed, num_replicas=world, rank=rank)
-        if len(indexed) and is_graph_item(indexed.dataset[0]):
-            from torch_geometric.loader import DataLoader as GraphLoader
-
-            return GraphLoader(indexed, batch_sampler=sampler, num_workers=num_workers, **loader_kwargs)
-        return DataLoader(indexed, batch_sampler=sampler, num_workers=num_workers, **loader_kwargs)
+        return loader_class(indexed)(indexed, batch_sampler=sampler, num_workers=num_workers, **loader_kwargs)
 
     def training_dataloader(
         self,
@@ -79,11 +75,10 @@ class SingleClassBatchesMixin:
         if ghost_size:
             raise ValueError("ghost_size needs single_class=True: ghosts complete single-class batches.")
         indexed = dataset if isinstance(dataset, IndexedDataset) else IndexedDataset(dataset)
-        loader_cls: Any = DataLoader
-        if len(indexed) and is_graph_item(indexed.dataset[0]):
-            from torch_geometric.loader import DataLoader as loader_cls
         generator = torch.Generator().manual_seed(seed)
-        return loader_cls(indexed, batch_size=batch_size, shuffle=True, generator=generator, num_workers=num_workers)
+        return loader_class(indexed)(
+            indexed, batch_size=batch_size, shuffle=True, generator=generator, num_workers=num_workers
+        )
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         batch = super().on_after_batch_transfer(batch, dataloader_idx)  # type: ignore[misc]

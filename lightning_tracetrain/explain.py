@@ -89,9 +89,7 @@ def explain(
             )
     batches = [test.collate_fn([test.dataset[q]]) for q in queries]
     logits = explainer.set_queries(batches).float().cpu()
-    trainer = pl.Trainer(accelerator="auto", devices=1, logger=False, inference_mode=False, enable_model_summary=False)
-    trainer.predict(explainer, explainer.chunk_loader(num_workers), return_predictions=False)
-    results = explainer.results()
+    results = explainer.run(num_workers=num_workers)
 
     probs = logits.softmax(-1)
     train_set = datamodule.train_dataloader().dataset
@@ -162,7 +160,8 @@ def _layer(
 ) -> tuple[dict[str, Any], list[tuple[str, list[dict[str, Any]]]]]:
     step_scores = (a.gamma if score == "gamma" else a.cos)[qi : qi + 1]
     per_example, labels = example_attribution(trace, step_scores, stop, split=score == "gamma")
-    gamma_examples, _ = example_attribution(trace, a.gamma[qi : qi + 1], stop)
+    # class scores are always shares of gamma (they add up to ||Z||^2 with init_score)
+    gamma_examples = per_example if score == "gamma" else example_attribution(trace, a.gamma[qi : qi + 1], stop)[0]
     classes = class_attribution(gamma_examples, labels)
     doc: dict[str, Any] = {
         "class_scores": dict(sorted(((str(c), float(v[0])) for c, v in classes.items()), key=lambda kv: -kv[1])),

@@ -131,6 +131,7 @@ class Explainer(pl.LightningModule):
         self._check_weights()
         self._queries: dict[str, list[_Query]] = {}
         self._grads: dict[str, dict[str, Tensor]] = {}
+        self._z_norm: dict[str, Tensor] = {}
         self._out: dict[str, dict[str, Tensor]] = {}
 
     @classmethod
@@ -189,6 +190,7 @@ class Explainer(pl.LightningModule):
             params = {p: getattr(module, p).detach() for p in self.trace.layer(name).params}
             grads = [Fx.query_gradient(module, q.x, params)[1] for q in captured[name]]
             self._grads[name] = {p: torch.stack([g[p] for g in grads]) for p in params}
+        self._z_norm = {n: torch.stack([q.z.norm() for q in qs])[:, None] for n, qs in captured.items()}
         self._reset_outputs()
         return torch.cat(logits)
 
@@ -222,17 +224,23 @@ class Explainer(pl.LightningModule):
             if not self.norms:
                 continue
             norms = torch.stack([Fx.contribution_norms(module, q.x, deltas) for q in self._queries[name]])
-            z_norm = torch.stack([q.z.norm() for q in self._queries[name]])[:, None]
             out["norm"][:, start:stop] = norms
-            out["cos"][:, start:stop] = Fx.cosines(gamma, z_norm, norms)
+            out["cos"][:, start:stop] = Fx.cosines(gamma, self._z_norm[name], norms)
 
     def explain(self, batches: Sequence[Any], trainer: pl.Trainer | None = None) -> dict[str, LayerAttribution]:
         """Attribute every layer for the queries (one batch of one example each), in one pass over the trace."""
         self.set_queries(batches)
+        return self.run(trainer)
+
+    def run(self, trainer: pl.Trainer | None = None, num_workers: int = 0) -> dict[str, LayerAttribution]:
+        """One pass over the trace for the queries set by :meth:`set_queries`; returns :meth:`results`.
+
+        The default Trainer keeps autograd on (``inference_mode=False``): query gradients need it.
+        """
         trainer = trainer or pl.Trainer(
             accelerator="auto", devices=1, logger=False, inference_mode=False, enable_model_summary=False
         )
-        trainer.predict(self, self.chunk_loader(), return_predictions=False)
+        trainer.predict(self, self.chunk_loader(num_workers), return_predictions=False)
         return self.results()
 
     def results(self) -> dict[str, LayerAttribution]:

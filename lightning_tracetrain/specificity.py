@@ -14,7 +14,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import lightning.pytorch as pl
 import numpy as np
 import torch
 
@@ -36,12 +35,11 @@ def class_specificity(ckpt: str | Path, trace: str | Path, queries: Sequence[int
     test = datamodule.test_dataloader()
     queries = list(range(len(test.dataset))) if queries is None else list(queries)
     logits = explainer.set_queries([test.collate_fn([test.dataset[q]]) for q in queries])
-    trainer = pl.Trainer(accelerator="auto", devices=1, logger=False, inference_mode=False, enable_model_summary=False)
-    trainer.predict(explainer, explainer.chunk_loader(), return_predictions=False)
+    results = explainer.run()
     predicted = logits.argmax(-1).cpu()
     labels = torch.from_numpy(explainer.trace.steps.label[: explainer.stop])
     chance = float(np.mean([np.mean(explainer.trace.steps.label[: explainer.stop] == int(p)) for p in predicted]))
-    shares = {name: predicted_class_share(a.gamma, labels, predicted) for name, a in explainer.results().items()}
+    shares = {name: predicted_class_share(a.gamma, labels, predicted) for name, a in results.items()}
     return {
         "queries": len(queries),
         "steps": explainer.stop,

@@ -5,9 +5,9 @@ from __future__ import annotations
 from typing import Any
 
 import lightning.pytorch as pl
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
-from lightning_tracetrain.batch import is_graph_item
+from lightning_tracetrain.batch import loader_class
 from lightning_tracetrain.datamodule import SingleClassBatchesMixin
 
 
@@ -30,10 +30,7 @@ class WorkloadDataModule(SingleClassBatchesMixin, pl.LightningDataModule):
         )  # fmt: skip
 
     def _eval_loader(self, dataset: Dataset) -> Any:
-        loader_cls: Any = DataLoader
-        if len(dataset) and is_graph_item(dataset[0]):  # type: ignore[arg-type]
-            from torch_geometric.loader import DataLoader as loader_cls
-        return loader_cls(dataset, batch_size=self.eval_batch_size, num_workers=self.hparams.num_workers)
+        return loader_class(dataset)(dataset, batch_size=self.eval_batch_size, num_workers=self.hparams.num_workers)
 
     def val_dataloader(self) -> Any:
         return self._eval_loader(self.val_dataset)
