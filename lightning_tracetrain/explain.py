@@ -18,6 +18,7 @@ import lightning.pytorch as pl
 import numpy as np
 import torch
 
+from lightning_tracetrain.baselines.cladec import fit_decoders
 from lightning_tracetrain.exceptions import TraceMismatchError, TraceTrainError
 from lightning_tracetrain.explainer import (
     Explainer,
@@ -27,7 +28,7 @@ from lightning_tracetrain.explainer import (
     import_class,
     ridge_densities,
 )
-from lightning_tracetrain.report import examples_figure, examples_table, ridge_figure, write_report
+from lightning_tracetrain.report import examples_figure, examples_table, images_figure, ridge_figure, write_report
 from lightning_tracetrain.trace import Trace
 
 
@@ -53,10 +54,14 @@ def _example(index: int, label: int, score: float) -> dict[str, Any]:
 
 def _image(dataset: Any, index: int) -> np.ndarray | None:
     item = dataset[index]
-    x = item.get("x") if isinstance(item, Mapping) else None
+    return _picture(item.get("x") if isinstance(item, Mapping) else None)
+
+
+def _picture(x: Any) -> np.ndarray | None:
+    """A (C, H, W) or (H, W) tensor as an image array; None for graphs and other inputs (shown as a table)."""
     if not isinstance(x, torch.Tensor) or x.dim() not in (2, 3):
-        return None  # graphs and other inputs are shown as a table
-    x = x.float()
+        return None
+    x = x.detach().float().cpu()
     if x.dim() == 3:
         x = x[0] if x.shape[0] == 1 else x.permute(1, 2, 0)
     return x.numpy()
@@ -73,8 +78,15 @@ def explain(
     privacy: bool = False,
     bandwidth: float = 0.1,
     num_workers: int = 0,
+    cladec: str | None = None,
+    cladec_alpha: float = 0.0,
+    cladec_epochs: int = 30,
 ) -> dict[str, Any]:
-    """Explain test inputs; writes ``influence.json`` and ``report.html`` to ``out`` and returns the JSON."""
+    """Explain test inputs; writes ``influence.json`` and ``report.html`` to ``out`` and returns the JSON.
+
+    With ``cladec`` (a layer name), ClaDec and its reference autoencoder are trained on the training
+    set for that layer and each query is shown beside both reconstructions.
+    """
     if score not in ("gamma", "cosine"):
         raise ValueError(f"score must be 'gamma' or 'cosine', got {score!r}.")
     trace = Trace(trace_path)
@@ -93,6 +105,9 @@ def explain(
 
     probs = logits.softmax(-1)
     train_set = datamodule.train_dataloader().dataset
+    decoders = {}
+    if cladec is not None and not privacy:
+        decoders = fit_decoders(explainer.model, cladec, train_set, (cladec_alpha,), cladec_epochs)
     grid = torch.linspace(-1, 1, 201)
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -104,6 +119,8 @@ def explain(
         "steps": explainer.stop,
         "queries": [],
     }
+    if decoders:
+        doc["cladec"] = {"layer": cladec, "alpha": cladec_alpha, "epochs": cladec_epochs}
     sections = []
     for qi, q in enumerate(queries):
         label = int(torch.as_tensor(test.dataset[q]["y"] if isinstance(test.dataset[q], Mapping) else -1))
@@ -120,6 +137,16 @@ def explain(
         if not privacy:
             shown = [{"example": q, "label": label, "score": float(probs[qi, predicted])}]
             query_fig = examples_figure(shown, lambda i: _image(test.dataset, i), "the query (test example, p)")
+            if query_fig is not None and decoders:
+                x = test.dataset[q]["x"][None]
+                pictures = [_picture(x[0])] + [_picture(d.reconstruct(x)[0]) for d in decoders.values()]
+                titles = ["the query", *(f"{name}<br>from {cladec}" for name in decoders)]
+                query_fig = images_figure(
+                    pictures,
+                    titles,
+                    f"the query (p={float(probs[qi, predicted]):.2f}) and "
+                    f"what {cladec} keeps of it (ClaDec vs reference autoencoder)",
+                )
             items += [query_fig] if query_fig is not None else []
         for name, attribution in results.items():
             layer_doc, figs = _layer(trace, explainer.stop, attribution, qi, name, score, top_k, privacy)
@@ -198,6 +225,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--privacy", action="store_true", help="class-level aggregates only: no example ids or images")
     parser.add_argument("--bandwidth", type=float, default=0.1, help="KDE bandwidth of the ridge plots")
     parser.add_argument("--num-workers", type=int, default=0, help="DataLoader workers reading the trace")
+    parser.add_argument(
+        "--cladec", metavar="LAYER", default=None, help="show ClaDec and reference-autoencoder reconstructions of "
+        "each query from this layer (trains both decoders on the training set first)",
+    )  # fmt: skip
+    parser.add_argument("--cladec-alpha", type=float, default=0.0, help="ClaDec's classification weight (default 0)")
+    parser.add_argument("--cladec-epochs", type=int, default=30, help="decoder training epochs (default 30)")
     args = parser.parse_args(argv)
     try:
         doc = explain(
@@ -211,6 +244,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             args.privacy,
             args.bandwidth,
             args.num_workers,
+            args.cladec,
+            args.cladec_alpha,
+            args.cladec_epochs,
         )
     except TraceTrainError as exc:
         parser.exit(2, f"error: {exc}\n")

@@ -10,6 +10,7 @@ the trace serves all queries. The math lives in :mod:`lightning_tracetrain.funct
 from __future__ import annotations
 
 import importlib
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -240,7 +241,9 @@ class Explainer(pl.LightningModule):
         trainer = trainer or pl.Trainer(
             accelerator="auto", devices=1, logger=False, inference_mode=False, enable_model_summary=False
         )
-        trainer.predict(self, self.chunk_loader(num_workers), return_predictions=False)
+        with warnings.catch_warnings():  # predict_step fills self._out and returns None on purpose
+            warnings.filterwarnings("ignore", message="predict returned None")
+            trainer.predict(self, self.chunk_loader(num_workers), return_predictions=False)
         return self.results()
 
     def results(self) -> dict[str, LayerAttribution]:

@@ -62,7 +62,12 @@ def examples_figure(examples: list[dict[str, Any]], images: Images, title: str) 
     if not examples or any(p is None for p in pictures):
         return None
     titles = [f"#{e['example']} y={e['label']}<br>{e['score']:.3g}" for e in examples]
-    fig = make_subplots(rows=1, cols=len(examples), subplot_titles=titles)
+    return images_figure(pictures, titles, title)  # type: ignore[arg-type]
+
+
+def images_figure(pictures: list[np.ndarray], titles: list[str], title: str) -> go.Figure:
+    """Images (H, W) in grey or (H, W, 3) in colour, in a row with a title each."""
+    fig = make_subplots(rows=1, cols=len(pictures), subplot_titles=titles)
     for col, img in enumerate(pictures, start=1):
         if img.ndim == 3:
             lo, hi = float(img.min()), float(img.max())

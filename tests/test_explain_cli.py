@@ -59,9 +59,17 @@ def test_cli_writes_the_documented_influence_json(run, tmp_path):
             "3",
             "--out",
             str(out),
+            "--cladec",
+            "net.fc1",
+            "--cladec-epochs",
+            "1",
         ]
     )
     assert json.loads((out / "influence.json").read_text()) == json.loads(json.dumps(doc))
+    assert doc["cladec"] == {"layer": "net.fc1", "alpha": 0.0, "epochs": 1}
+    report = (out / "report.html").read_text()
+    assert report.count("ClaDec alpha=0\\u003cbr\\u003efrom net.fc1") == 2  # one per query, beside it
+    assert report.count("reference autoencoder\\u003cbr\\u003efrom net.fc1") == 2
     test_set = DigitsDataModule(**Trace(run / "trace").datamodule.init_args)  # the split the trace recorded
     test_set.setup("test")
     for q in doc["queries"]:

@@ -30,20 +30,25 @@ def last_linear(model: nn.Module) -> tuple[str, nn.Linear]:
 
 
 @torch.no_grad()
-def layer_features(model: nn.Module, layer: nn.Module, batches: Iterable[Any]) -> tuple[Tensor, Tensor]:
-    """The layer's inputs with a constant 1 appended (float64) and the model's logits, over all batches."""
+def layer_features(model: nn.Module, layer: nn.Module, batches: Iterable[Any]) -> tuple[Tensor, Tensor, Tensor]:
+    """The layer's inputs with a constant 1 appended (float64), the model's logits and the batches' labels
+    (-1 where a batch has none), over all batches."""
     device = next(model.parameters()).device
     feats: list[Tensor] = []
     hook = layer.register_forward_hook(lambda m, args, out: feats.append(args[0].detach().double()))
-    logits = []
+    logits, labels = [], []
     try:
         model.eval()
         for batch in batches:
-            logits.append(model(Classifier.inputs(move_data_to_device(batch, device))).double())
+            batch = move_data_to_device(batch, device)
+            logits.append(model(Classifier.inputs(batch)).double())
+            y = Classifier._get(batch, "y")
+            labels.append(y.reshape(-1) if y is not None else torch.full((len(logits[-1]),), -1, device=device))
     finally:
         hook.remove()
     f = torch.cat(feats)
-    return torch.cat([f, torch.ones(len(f), 1, dtype=f.dtype, device=f.device)], 1), torch.cat(logits)
+    ones = torch.ones(len(f), 1, dtype=f.dtype, device=f.device)
+    return torch.cat([f, ones], 1), torch.cat(logits), torch.cat(labels)
 
 
 def fit_last_layer(
@@ -81,6 +86,9 @@ class RepresenterPoints:
     Args:
         model: The trained classifier (eval mode is used).
         lam: L2 penalty of the fine-tuning (Yeh et al.: 0.003).
+        targets: ``"predicted"``: fine-tune towards the model's own softmax outputs (explains the model's
+            predictions); ``"labels"``: towards the training labels (the loss the model was trained with;
+            Yeh et al.'s dataset debugging, where ``|alpha_i,y_i|`` ranks suspicious labels).
 
     Example:
         >>> rp = RepresenterPoints(model).fit(train_loader)  # doctest: +SKIP
@@ -89,23 +97,36 @@ class RepresenterPoints:
 
     model: nn.Module
     lam: float = 0.003
+    targets: str = "predicted"
 
     def fit(self, train_batches: Iterable[Any]) -> RepresenterPoints:
-        """Fine-tune the last layer on the training features towards the model's own softmax outputs."""
+        """Fine-tune the last layer on the training features (towards ``targets``)."""
+        if self.targets not in ("predicted", "labels"):
+            raise ValueError(f"targets must be 'predicted' or 'labels', got {self.targets!r}.")
         self.layer_name, layer = last_linear(self.model)
-        self.features, logits = layer_features(self.model, layer, train_batches)
+        self.features, logits, self.labels = layer_features(self.model, layer, train_batches)
+        if self.targets == "labels":
+            if bool((self.labels < 0).any()):
+                raise ValueError("targets='labels' needs training batches with labels (the batch protocol's 'y').")
+            target = torch.nn.functional.one_hot(self.labels, logits.shape[1]).double()
+        else:
+            target = torch.softmax(logits, -1)
         init = torch.cat([layer.weight.detach(), _bias(layer)[:, None]], 1).double().to(self.features.device)
-        self.weight, self.alpha = fit_last_layer(self.features, torch.softmax(logits, -1), self.lam, init)
+        self.weight, self.alpha = fit_last_layer(self.features, target, self.lam, init)
         return self
+
+    def self_influence(self) -> Tensor:
+        """``|alpha_i,y_i|`` per training example: Yeh et al.'s score for finding mislabeled examples."""
+        return self.alpha.gather(1, self.labels[:, None]).squeeze(1).abs()
 
     def logits(self, test_batches: Iterable[Any]) -> tuple[Tensor, Tensor]:
         """Fine-tuned logits of test inputs, directly and as the representer sum (they agree)."""
-        f_t, _ = layer_features(self.model, last_linear(self.model)[1], test_batches)
+        f_t, _, _ = layer_features(self.model, last_linear(self.model)[1], test_batches)
         return f_t @ self.weight.T, (f_t @ self.features.T) @ self.alpha
 
     def values(self, test_batches: Iterable[Any]) -> tuple[Tensor, Tensor]:
         """``alpha_ic <f_i, f_t>`` for each test input's predicted class ``c``: ``(Q, n)``, and the predictions."""
-        f_t, logits = layer_features(self.model, last_linear(self.model)[1], test_batches)
+        f_t, logits, _ = layer_features(self.model, last_linear(self.model)[1], test_batches)
         predicted = logits.argmax(-1)
         return (f_t @ self.features.T) * self.alpha[:, predicted].T, predicted
 

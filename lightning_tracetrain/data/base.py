@@ -5,6 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 import lightning.pytorch as pl
+import torch
+from torch import Tensor
 from torch.utils.data import Dataset
 
 from lightning_tracetrain.batch import loader_class
@@ -37,3 +39,18 @@ class WorkloadDataModule(SingleClassBatchesMixin, pl.LightningDataModule):
 
     def test_dataloader(self) -> Any:
         return self._eval_loader(self.test_dataset)
+
+
+def flip_labels(labels: Tensor, fraction: float, num_classes: int, seed: int = 0) -> tuple[Tensor, Tensor]:
+    """Replace ``round(fraction * n)`` labels, chosen at random, by a different random class.
+
+    Returns the new labels and the sorted positions that were flipped (every one of them differs).
+    """
+    if not 0.0 <= fraction <= 1.0:
+        raise ValueError(f"label_noise must be a share in [0, 1], got {fraction}.")
+    g = torch.Generator().manual_seed(seed)
+    flipped = torch.randperm(len(labels), generator=g)[: round(fraction * len(labels))].sort().values
+    shift = torch.randint(1, num_classes, (len(flipped),), generator=g)  # never 0: always another class
+    noisy = labels.clone()
+    noisy[flipped] = (labels[flipped] + shift) % num_classes
+    return noisy, flipped

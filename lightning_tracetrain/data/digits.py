@@ -8,7 +8,7 @@ from sklearn.model_selection import train_test_split
 from torch.utils.data import TensorDataset
 
 from lightning_tracetrain.batch import IndexedDataset
-from lightning_tracetrain.data.base import WorkloadDataModule
+from lightning_tracetrain.data.base import WorkloadDataModule, flip_labels
 
 
 class DigitsDataModule(WorkloadDataModule):
@@ -25,6 +25,8 @@ class DigitsDataModule(WorkloadDataModule):
         num_workers: DataLoader worker processes.
         single_class: Train on single-class batches (``batch_size`` real rows of one class).
         ghost_size: Ghost samples added to each single-class batch.
+        label_noise: Share of training labels replaced by a different, random class (seeded by ``seed``),
+            for mislabel-detection benchmarks; the flipped ids are in ``flipped`` after ``setup``.
     """
 
     def __init__(
@@ -36,6 +38,7 @@ class DigitsDataModule(WorkloadDataModule):
         num_workers: int = 0,
         single_class: bool = False,
         ghost_size: int = 0,
+        label_noise: float = 0.0,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -52,6 +55,7 @@ class DigitsDataModule(WorkloadDataModule):
         rest, test = train_test_split(idx, test_size=hp.test_fraction, stratify=y, random_state=hp.seed)
         val_share = hp.val_fraction / (1.0 - hp.test_fraction)
         train, val = train_test_split(rest, test_size=val_share, stratify=y[rest], random_state=hp.seed)
-        self.train_dataset = IndexedDataset(TensorDataset(x[train], y[train]))
+        y_train, self.flipped = flip_labels(y[train], hp.label_noise, self.num_classes, hp.seed)
+        self.train_dataset = IndexedDataset(TensorDataset(x[train], y_train))
         self.val_dataset = IndexedDataset(TensorDataset(x[val], y[val]))
         self.test_dataset = IndexedDataset(TensorDataset(x[test], y[test]))

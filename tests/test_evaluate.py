@@ -1,0 +1,85 @@
+"""The quality benchmark: its metrics by hand, label noise, Representer's label targets, and a tiny end-to-end run."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from lightning_tracetrain.baselines.representer import RepresenterPoints
+from lightning_tracetrain.data.base import flip_labels
+from lightning_tracetrain.data.digits import DigitsDataModule
+from lightning_tracetrain.evaluate import detection_rate, evaluate, identical_class
+
+
+def test_identical_class_by_hand():
+    scores = torch.tensor([[0.1, 0.9, 5.0, 0.3], [2.0, 0.1, 0.0, 0.4], [0.0, 0.0, 0.1, 3.0]])
+    labels = torch.tensor([0, 1, -1, 2])  # example 2 was never trained on: ignored despite its top score
+    predicted = torch.tensor([1, 1, 2])  # top-1 labels: 1, 0, 2
+    assert identical_class(scores, labels, predicted) == pytest.approx(2 / 3)
+
+
+def test_detection_rate_by_hand():
+    influence = torch.tensor([0.5, 9.0, 0.1, 7.0, 0.2, 0.3, 8.0, 0.0, 0.4, 0.6])
+    flipped = torch.tensor([1, 2, 3])
+    assert detection_rate(influence, flipped, 0.1) == pytest.approx(1 / 3)  # top 1: example 1
+    assert detection_rate(influence, flipped, 0.3) == pytest.approx(2 / 3)  # top 3: 1, 6, 3
+    assert detection_rate(influence, flipped, 1.0) == 1.0
+
+
+def test_flip_labels_flips_exactly_the_share_to_other_classes():
+    labels = torch.arange(200) % 10
+    noisy, flipped = flip_labels(labels, 0.1, 10, seed=3)
+    assert len(flipped) == 20 and len(torch.unique(flipped)) == 20
+    assert bool((noisy[flipped] != labels[flipped]).all())
+    kept = torch.ones(200, dtype=torch.bool)
+    kept[flipped] = False
+    assert torch.equal(noisy[kept], labels[kept])
+    again, flipped_again = flip_labels(labels, 0.1, 10, seed=3)
+    assert torch.equal(again, noisy) and torch.equal(flipped, flipped_again)
+    with pytest.raises(ValueError, match="label_noise"):
+        flip_labels(labels, 1.5, 10)
+
+
+def test_digits_label_noise_records_the_flipped_ids():
+    clean, noisy = DigitsDataModule(), DigitsDataModule(label_noise=0.1)
+    clean.setup("fit"), noisy.setup("fit")
+    y_clean = torch.stack([clean.train_dataset[i]["y"] for i in range(len(clean.train_dataset))])
+    y_noisy = torch.stack([noisy.train_dataset[i]["y"] for i in range(len(noisy.train_dataset))])
+    assert torch.equal(torch.nonzero(y_clean != y_noisy).flatten(), noisy.flipped)
+    assert len(noisy.flipped) == round(0.1 * len(y_clean))
+
+
+def test_representer_with_label_targets_scores_self_influence_from_alpha():
+    from conftest import TinyCNN, image_loader
+
+    torch.manual_seed(0)
+    model = TinyCNN().eval()
+    data = image_loader(n=30).dataset
+    rp = RepresenterPoints(model, targets="labels").fit(DataLoader(data, batch_size=8))
+    y = torch.stack([data[i]["y"] for i in range(30)])
+    torch.testing.assert_close(rp.self_influence(), rp.alpha[torch.arange(30), y].abs())
+    torch.testing.assert_close(rp.weight, rp.alpha.T @ rp.features, atol=1e-6, rtol=1e-6)
+    with pytest.raises(ValueError, match="targets"):
+        RepresenterPoints(model, targets="noise").fit(DataLoader(data, batch_size=8))
+
+
+def test_evaluate_end_to_end_on_a_short_run(tmp_path):
+    result = evaluate(tmp_path, epochs=1, queries=12, cladec_epochs=1, log=lambda s: None)
+    layers = ["net.conv1", "net.conv2", "net.fc1", "net.fc2"]
+    expected = {f"ours {lay} ({s})" for lay in layers for s in ("gamma", "cosine")}
+    expected |= {f"TracIn {lay} ({s})" for lay in layers for s in ("dot", "cosine")} | {"Representer Points"}
+    assert set(result["identical_class"]) == expected
+    assert set(result["mislabel_detection"]) == expected - {f"TracIn {lay} (cosine)" for lay in layers}
+    assert all(0.0 <= v <= 1.0 for v in result["identical_class"].values())
+    # 12 queries: every share is a multiple of 1/12
+    assert all(abs(v * 12 - round(v * 12)) < 1e-9 for v in result["identical_class"].values())
+    assert result["flipped"] == 126
+    rates = result["mislabel_detection"]
+    assert all(r["top 10%"] <= r["top 20%"] <= 1.0 for r in rates.values())
+    assert set(result["cladec"]) == {"ClaDec alpha=0", "ClaDec alpha=0.1", "reference autoencoder"}
+    assert json.loads((tmp_path / "evaluation.json").read_text()) == result
+    table = (tmp_path / "evaluation.md").read_text()
+    assert "| Representer Points |" in table and "| reference autoencoder |" in table
