@@ -45,12 +45,15 @@ class TraceCallback(Callback):
     training dataset with :class:`~lightning_tracetrain.IndexedDataset`.
 
     Args:
-        dirpath: Where the trace is written (created if missing).
+        dirpath: Where the trace is written (created if missing): a local folder or an fsspec URL
+            such as ``s3://bucket/runs/trace`` (needs ``s3fs``; see ``storage_options``).
         layers: Layers to trace: ``None`` for every Linear/Conv layer (torch or
             PyG), or qualified names / glob patterns such as ``"features.*"``.
         compressor: ``"zstd"`` (default), ``"lz4"``, ``None`` or a Zarr codec.
         chunk_steps: Steps per stored chunk; by default about 8 MiB of deltas.
         overwrite: Replace a trace already at ``dirpath`` instead of failing.
+        storage_options: Options of the fsspec filesystem of a URL ``dirpath`` (for S3: ``endpoint_url``,
+            ``key``, ``secret``, ...); without them fsspec reads the environment (``AWS_ENDPOINT_URL``, ...).
         max_pending_steps: Steps that may wait for the writer before training
             waits for it (backpressure).
         commit_every_s: Commit a partly filled chunk after this many seconds, so a
@@ -77,6 +80,7 @@ class TraceCallback(Callback):
         overwrite: bool = False,
         max_pending_steps: int = 8,
         commit_every_s: float = 30.0,
+        storage_options: dict[str, Any] | None = None,
     ) -> None:
         if chunk_steps is not None and chunk_steps < 1:
             raise ValueError(f"chunk_steps must be at least 1, got {chunk_steps}.")
@@ -89,6 +93,7 @@ class TraceCallback(Callback):
         self.overwrite = overwrite
         self.max_pending_steps = max_pending_steps
         self.commit_every_s = commit_every_s
+        self.storage_options = storage_options
         self._resume: ResumeState | None = None
         self._reset()
 
@@ -149,6 +154,7 @@ class TraceCallback(Callback):
                 resume=self._resume,
                 overwrite=self.overwrite,
                 compressor=make_compressor(self.compressor),
+                storage_options=self.storage_options,
             )
             self._run_id = str(group.attrs["run_id"])
             self._writer = TraceWriter(

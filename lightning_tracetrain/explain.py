@@ -81,15 +81,23 @@ def explain(
     cladec: str | None = None,
     cladec_alpha: float = 0.0,
     cladec_epochs: int = 30,
+    devices: int | str = 1,
+    accelerator: str = "auto",
+    storage_options: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Explain test inputs; writes ``influence.json`` and ``report.html`` to ``out`` and returns the JSON.
 
     With ``cladec`` (a layer name), ClaDec and its reference autoencoder are trained on the training
     set for that layer and each query is shown beside both reconstructions.
+
+    With ``devices > 1`` the pass over the trace is sharded over the devices by Lightning's DDP
+    (one process per device); only rank 0 writes the files, the other ranks return ``{}``.
     """
     if score not in ("gamma", "cosine"):
         raise ValueError(f"score must be 'gamma' or 'cosine', got {score!r}.")
-    trace = Trace(trace_path)
+    if cladec is not None and devices not in (1, "1"):
+        raise ValueError("--cladec trains decoders on one device: explain with --devices 1 to show reconstructions.")
+    trace = Trace(trace_path, storage_options)
     explainer = Explainer.from_checkpoint(ckpt, trace, layers)
     datamodule = load_datamodule(trace)
     test = datamodule.test_dataloader()
@@ -101,7 +109,9 @@ def explain(
             )
     batches = [test.collate_fn([test.dataset[q]]) for q in queries]
     logits = explainer.set_queries(batches).float().cpu()
-    results = explainer.run(num_workers=num_workers)
+    results = explainer.run(num_workers=num_workers, devices=devices, accelerator=accelerator)
+    if explainer.global_rank_ != 0:
+        return {}  # every rank holds the whole result; rank 0 writes it
 
     probs = logits.softmax(-1)
     train_set = datamodule.train_dataloader().dataset
@@ -231,7 +241,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )  # fmt: skip
     parser.add_argument("--cladec-alpha", type=float, default=0.0, help="ClaDec's classification weight (default 0)")
     parser.add_argument("--cladec-epochs", type=int, default=30, help="decoder training epochs (default 30)")
+    parser.add_argument(
+        "--devices", default="1", help="devices sharing the pass over the trace (DDP; default 1, 'auto' for all)"
+    )
+    parser.add_argument("--accelerator", default="auto", help="cpu, gpu or auto (default)")
+    parser.add_argument(
+        "--storage-options", type=json.loads, default=None, metavar="JSON",
+        help='fsspec options for a trace URL, e.g. \'{"endpoint_url": "http://minio:9000"}\' (default: from the '
+        "environment, such as AWS_ENDPOINT_URL)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
+    devices = int(args.devices) if args.devices.isdigit() else args.devices
     try:
         doc = explain(
             args.ckpt,
@@ -247,9 +267,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             args.cladec,
             args.cladec_alpha,
             args.cladec_epochs,
+            devices,
+            args.accelerator,
+            args.storage_options,
         )
     except TraceTrainError as exc:
         parser.exit(2, f"error: {exc}\n")
+    if not doc:  # a rank other than 0 of a multi-device run
+        return doc
     print(
         f"explained {len(doc['queries'])} queries with {doc['steps']} steps; wrote {args.out}/influence.json "
         f"and {args.out}/report.html"

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import fsspec
 import lightning.pytorch as pl
 import numpy as np
 import torch
@@ -30,22 +31,42 @@ from lightning_tracetrain.trace.schema import ClassSpec
 
 
 class DeltaChunks(Dataset):
-    """Item ``i``: the deltas of the chosen layers for the ``i``-th stored chunk of steps.
+    """Item ``i``: the deltas of the chosen layers for the ``i``-th range of steps (a stored chunk).
 
-    Opens the trace lazily, so it works in DataLoader worker processes.
+    With ``min_items`` larger than the number of chunks (more devices than chunks), chunks are split
+    into equal parts so that every device gets work. Opens the trace lazily, so it works in DataLoader
+    worker processes.
     """
 
-    def __init__(self, path: str, layers: Sequence[str], stop: int, chunk_steps: int) -> None:
-        self.path, self.layers, self.stop, self.chunk_steps = path, list(layers), stop, chunk_steps
+    def __init__(
+        self,
+        path: str,
+        layers: Sequence[str],
+        stop: int,
+        chunk_steps: int,
+        min_items: int = 1,
+        storage_options: dict[str, Any] | None = None,
+    ) -> None:
+        self.path, self.layers, self.stop, self.storage_options = path, list(layers), stop, storage_options
+        if stop < min_items:
+            raise ValueError(
+                f"The pass covers {stop} steps, fewer than the {min_items} devices sharing it: use {stop} devices "
+                "or fewer."
+            )
+        self.ranges = [(s, min(s + chunk_steps, stop)) for s in range(0, stop, chunk_steps)]
+        while len(self.ranges) < min_items:  # split the longest range in halves (stays within one chunk)
+            i = max(range(len(self.ranges)), key=lambda j: self.ranges[j][1] - self.ranges[j][0])
+            a, b = self.ranges[i]
+            self.ranges[i : i + 1] = [(a, (a + b) // 2), ((a + b) // 2, b)]
         self._trace: Trace | None = None
 
     def __len__(self) -> int:
-        return -(-self.stop // self.chunk_steps)
+        return len(self.ranges)
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         if self._trace is None:
-            self._trace = Trace(self.path)
-        start, stop = i * self.chunk_steps, min(self.stop, (i + 1) * self.chunk_steps)
+            self._trace = Trace(self.path, self.storage_options)
+        start, stop = self.ranges[i]
         return {
             "start": start,
             "stop": stop,
@@ -134,6 +155,8 @@ class Explainer(pl.LightningModule):
         self._grads: dict[str, dict[str, Tensor]] = {}
         self._z_norm: dict[str, Tensor] = {}
         self._out: dict[str, dict[str, Tensor]] = {}
+        self._covered = torch.zeros(0)
+        self.global_rank_ = 0  # the process's rank in the last pass (0 on one device)
 
     @classmethod
     def from_checkpoint(
@@ -201,13 +224,55 @@ class Explainer(pl.LightningModule):
         self._out = {
             name: {k: torch.zeros(q, t, device=device) for k in ("gamma", "cos", "norm")} for name in self.layer_names
         }
+        self._covered = torch.zeros(t, device=device)  # how often each step was computed (1 after the pass)
+
+    def _to(self, device: torch.device) -> None:
+        """Move the queries' captured tensors and the outputs to ``device`` (where the Trainer put the model)."""
+        self._queries = {n: [_Query(q.x.to(device), q.z.to(device)) for q in qs] for n, qs in self._queries.items()}
+        self._grads = {n: {p: g.to(device) for p, g in gs.items()} for n, gs in self._grads.items()}
+        self._z_norm = {n: z.to(device) for n, z in self._z_norm.items()}
+        self._out = {n: {k: v.to(device) for k, v in o.items()} for n, o in self._out.items()}
+        self._covered = self._covered.to(device)
+
+    def on_predict_start(self) -> None:
+        if not self._queries:
+            raise RuntimeError("No queries: call set_queries(batches) before the pass over the trace.")
+        self._to(self.device)
+        self._covered.zero_()
+        for out in self._out.values():
+            for v in out.values():
+                v.zero_()
+
+    def on_predict_end(self) -> None:
+        """With several devices each computed its share of the chunks: sum the shares on every device."""
+        strategy = self.trainer.strategy
+        if self.trainer.world_size > 1:
+            self._covered = strategy.reduce(self._covered, reduce_op="sum")
+            for out in self._out.values():
+                for k in out:
+                    out[k] = strategy.reduce(out[k], reduce_op="sum")
+        missing = torch.nonzero(self._covered != 1).flatten()
+        if len(missing):
+            raise RuntimeError(
+                f"Steps {missing[:5].tolist()} were computed {self._covered[missing[:5]].tolist()} times instead of "
+                "once: the chunk loader must give every chunk to exactly one device (do not replace its sampler)."
+            )
+        self.global_rank_ = self.trainer.global_rank
 
     # ------------------------------------------------------------------ the pass over the trace
 
-    def chunk_loader(self, num_workers: int = 0) -> DataLoader:
-        """The trace's delta chunks as a DataLoader (pinned memory when a GPU is used)."""
+    def chunk_loader(self, num_workers: int = 0, min_items: int = 1) -> DataLoader:
+        """The trace's delta chunks as a DataLoader (pinned memory when a GPU is used); at least
+        ``min_items`` items (the number of devices)."""
         return DataLoader(
-            DeltaChunks(self.trace.path, self.layer_names, self.stop, self.trace.spec.chunk_steps),
+            DeltaChunks(
+                self.trace.path,
+                self.layer_names,
+                self.stop,
+                self.trace.spec.chunk_steps,
+                min_items,
+                self.trace.storage_options,
+            ),
             batch_size=None,
             num_workers=num_workers,
             pin_memory=torch.cuda.is_available(),
@@ -217,6 +282,7 @@ class Explainer(pl.LightningModule):
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int = 0) -> None:
         start, stop = batch["start"], batch["stop"]
+        self._covered[start:stop] += 1
         for name, module in self.layers.items():
             deltas = {p: d.to(self._grads[name][p].device, non_blocking=True) for p, d in batch["deltas"][name].items()}
             gamma = Fx.step_gammas(deltas, self._grads[name]).T  # (Q, T)
@@ -233,17 +299,28 @@ class Explainer(pl.LightningModule):
         self.set_queries(batches)
         return self.run(trainer)
 
-    def run(self, trainer: pl.Trainer | None = None, num_workers: int = 0) -> dict[str, LayerAttribution]:
+    def run(
+        self,
+        trainer: pl.Trainer | None = None,
+        num_workers: int = 0,
+        devices: int | str = 1,
+        accelerator: str = "auto",
+        strategy: str = "auto",
+    ) -> dict[str, LayerAttribution]:
         """One pass over the trace for the queries set by :meth:`set_queries`; returns :meth:`results`.
 
-        The default Trainer keeps autograd on (``inference_mode=False``): query gradients need it.
+        With ``devices > 1`` Lightning's DDP shards the chunks over the devices and the partial
+        results are summed, so every process returns the same, complete result (rank 0 is the one
+        to write files: ``explainer.global_rank_``). The default Trainer keeps autograd on
+        (``inference_mode=False``): query gradients need it.
         """
         trainer = trainer or pl.Trainer(
-            accelerator="auto", devices=1, logger=False, inference_mode=False, enable_model_summary=False
-        )
+            accelerator=accelerator, devices=devices, strategy=strategy, logger=False, inference_mode=False,
+            enable_model_summary=False,
+        )  # fmt: skip
         with warnings.catch_warnings():  # predict_step fills self._out and returns None on purpose
             warnings.filterwarnings("ignore", message="predict returned None")
-            trainer.predict(self, self.chunk_loader(num_workers), return_predictions=False)
+            trainer.predict(self, self.chunk_loader(num_workers, trainer.world_size), return_predictions=False)
         return self.results()
 
     def results(self) -> dict[str, LayerAttribution]:
@@ -289,7 +366,8 @@ def load_model(trace: Trace, ckpt: str | Path) -> tuple[pl.LightningModule, int]
             f"recorded: the checkpoint and the trace are of different models ({exc.__class__.__name__}: "
             f"{str(exc).splitlines()[0]})."
         ) from exc
-    step = int(torch.load(str(ckpt), map_location="cpu", weights_only=False).get("global_step", -1))
+    with fsspec.open(str(ckpt), "rb") as f:  # a local file or a URL such as s3://bucket/last.ckpt
+        step = int(torch.load(f, map_location="cpu", weights_only=False).get("global_step", -1))
     return model.eval(), step
 
 

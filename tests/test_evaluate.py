@@ -72,7 +72,8 @@ def test_evaluate_end_to_end_on_a_short_run(tmp_path):
     expected = {f"ours {lay} ({s})" for lay in layers for s in ("gamma", "cosine")}
     expected |= {f"TracIn {lay} ({s})" for lay in layers for s in ("dot", "cosine")} | {"Representer Points"}
     assert set(result["identical_class"]) == expected
-    assert set(result["mislabel_detection"]) == expected - {f"TracIn {lay} (cosine)" for lay in layers}
+    lowest = {f"ours {lay} ({s}, lowest first)" for lay in layers for s in ("gamma", "cosine")}
+    assert set(result["mislabel_detection"]) == (expected | lowest) - {f"TracIn {lay} (cosine)" for lay in layers}
     assert all(0.0 <= v <= 1.0 for v in result["identical_class"].values())
     # 12 queries: every share is a multiple of 1/12
     assert all(abs(v * 12 - round(v * 12)) < 1e-9 for v in result["identical_class"].values())

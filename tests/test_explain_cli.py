@@ -175,3 +175,34 @@ def test_cli_names_bad_input(run, tmp_path, capsys):
             explain_main(argv)
         assert exit_info.value.code == 2
         assert message in capsys.readouterr().err
+
+
+def _assert_same(a, b, path=""):
+    """Equal documents, floats to tolerance (paths of the inputs may differ)."""
+    if isinstance(a, dict):
+        assert a.keys() == b.keys(), path
+        for k in a:
+            _assert_same(a[k], b[k], f"{path}/{k}")
+    elif isinstance(a, list):
+        assert len(a) == len(b), path
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            _assert_same(x, y, f"{path}[{i}]")
+    elif isinstance(a, float):
+        assert a == pytest.approx(b, rel=1e-4, abs=1e-6), path
+    else:
+        assert a == b, path
+
+
+def test_two_processes_give_the_same_influence_json_as_one(run, tmp_path):
+    args = ["--ckpt", str(run / "checkpoints" / "last.ckpt"), "--trace", str(run / "trace"), "--queries", "0", "4"]
+    one = explain_main([*args, "--out", str(tmp_path / "one")])
+    proc = subprocess.run(
+        [sys.executable, "-m", "lightning_tracetrain.explain", *args, "--out", str(tmp_path / "two"), "--devices", "2",
+         "--accelerator", "cpu"],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONWARNINGS": "ignore"},
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "GLOBAL_RANK: 1, MEMBER: 2/2" in proc.stderr + proc.stdout  # really two processes (DDP, gloo)
+    assert proc.stdout.count("wrote") == 1  # rank 0 alone writes
+    two = json.loads((tmp_path / "two" / "influence.json").read_text())
+    _assert_same(one, two)

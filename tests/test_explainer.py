@@ -129,3 +129,35 @@ def test_weighted_kde_integrates_to_one_and_follows_weights():
     assert float(density[at[0.5]]) == pytest.approx(3 * float(density[at[-0.5]]), rel=1e-6)
     assert Fx.weighted_kde(torch.tensor([]), torch.tensor([]), grid).abs().sum() == 0
     assert np.isfinite(density.numpy()).all()
+
+
+def test_delta_chunks_give_every_device_work_and_cover_each_step_once():
+    from lightning_tracetrain.explainer import DeltaChunks
+
+    for stop, chunk, devices in [(40, 57, 1), (40, 57, 2), (40, 57, 3), (120, 57, 2), (120, 57, 8), (5, 57, 5)]:
+        ranges = DeltaChunks("unused", [], stop, chunk, devices).ranges
+        assert len(ranges) >= devices
+        assert [s for a, b in ranges for s in range(a, b)] == list(range(stop))
+        assert all(b > a and a // chunk == (b - 1) // chunk for a, b in ranges)  # never across a stored chunk
+    assert len(DeltaChunks("unused", [], 120, 57, 1).ranges) == 3  # one item per stored chunk by default
+    with pytest.raises(ValueError, match="fewer than the 4 devices"):
+        DeltaChunks("unused", [], 3, 57, 4)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_the_gpu_pass_equals_the_cpu_pass(tiny):
+    import copy
+
+    model, trace, queries = tiny
+    cpu = Explainer(copy.deepcopy(model), trace)
+    cpu.set_queries(queries)
+    on_cpu = cpu.run(accelerator="cpu")
+    gpu = Explainer(copy.deepcopy(model), trace)
+    gpu.set_queries(queries)
+    on_gpu = gpu.run(accelerator="gpu")
+    for name, a in on_cpu.items():
+        b = on_gpu[name]
+        for field in ("gamma", "cos", "norm", "init", "z_sq"):
+            torch.testing.assert_close(getattr(b, field), getattr(a, field), atol=1e-5, rtol=1e-4)
+        assert float(b.residual.abs().max()) <= 1e-5

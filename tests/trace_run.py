@@ -1,6 +1,7 @@
 """A traced training run in its own process, for the crash and resume tests.
 
 Usage: python tests/trace_run.py OUT [--max-steps N] [--epochs E] [--sleep S] [--resume CKPT] [--devices D]
+       [--trace URL]
 
 Writes OUT/trace, a snapshot of the weights after every optimizer step
 (OUT/snaps/step_K.pt, saved before the trace sees the step) and, every 5 steps,
@@ -60,6 +61,7 @@ def main() -> None:
     parser.add_argument("--resume", default=None)
     parser.add_argument("--devices", type=int, default=1, help="CPU processes; more than 1 runs DDP (gloo)")
     parser.add_argument("--epochs", type=int, default=-1)
+    parser.add_argument("--trace", default=None, help="where the trace goes (default OUT/trace; may be a URL)")
     args = parser.parse_args()
     (args.out / "snaps").mkdir(parents=True, exist_ok=True)
     pl.seed_everything(0, verbose=False)
@@ -78,7 +80,7 @@ def main() -> None:
         enable_progress_bar=False,
         enable_model_summary=False,
         callbacks=[
-            TraceCallback(args.out / "trace", chunk_steps=3),
+            TraceCallback(args.trace or args.out / "trace", chunk_steps=3),
             ModelCheckpoint(args.out / "ckpt", filename="{step}", every_n_train_steps=5, save_top_k=-1),
         ],
     )

@@ -10,7 +10,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import zarr
 from torch import Tensor
 
 from lightning_tracetrain.exceptions import TraceFormatError, UnknownLayerError
@@ -53,10 +52,11 @@ class Trace:
         >>> w = trace.initial("net.conv1")["weight"] + trace.deltas("net.conv1")["weight"].sum(0)  # doctest: +SKIP
     """
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, storage_options: dict[str, Any] | None = None) -> None:
         self.path = str(path)
+        self.storage_options = storage_options
         try:
-            self._group = zarr.open_group(store=self.path, mode="r")
+            self._group = schema.open_group(self.path, "r", storage_options)
         except FileNotFoundError:
             raise TraceFormatError(
                 f"No trace at {self.path}: the path does not exist or holds no Zarr group."

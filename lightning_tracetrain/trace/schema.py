@@ -11,6 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+import zarr
+
 FORMAT = "lightning_tracetrain.trace"
 FORMAT_VERSION = 1
 
@@ -124,3 +126,18 @@ class TraceSpec:
             chunk_steps=int(attrs["storage"]["chunk_steps"]),
             compressor=attrs["storage"].get("compressor"),
         )
+
+
+def is_url(path: str) -> bool:
+    """``s3://...``, ``gs://...``, ``memory://...``: a location for fsspec rather than a local folder."""
+    return "://" in path
+
+
+def open_group(path: str, mode: str, storage_options: dict[str, Any] | None = None, **kwargs: Any) -> zarr.Group:
+    """``zarr.open_group`` for a local folder or an fsspec URL (``storage_options`` go to the filesystem,
+    e.g. ``{"endpoint_url": ..., "key": ..., "secret": ...}`` for S3; without them fsspec reads the usual
+    environment, such as ``AWS_ENDPOINT_URL`` and ``AWS_ACCESS_KEY_ID``)."""
+    if storage_options and not is_url(path):
+        raise ValueError(f"storage_options are for fsspec URLs such as s3://bucket/trace, not the local path {path}.")
+    extra = {"storage_options": storage_options} if storage_options else {}
+    return zarr.open_group(store=path, mode=mode, **extra, **kwargs)

@@ -125,16 +125,12 @@ class StepRecord:
 # --------------------------------------------------------------------------- opening a store
 
 
-def _is_local(path: str) -> bool:
-    return "://" not in path
-
-
-def _read_attrs(path: str) -> dict[str, Any] | None:
+def _read_attrs(path: str, storage_options: dict[str, Any] | None) -> dict[str, Any] | None:
     """Root attributes of the Zarr group at ``path``, or None when nothing is there."""
     try:
-        return dict(zarr.open_group(store=path, mode="r").attrs)
+        return dict(schema.open_group(path, "r", storage_options).attrs)
     except FileNotFoundError:
-        if _is_local(path) and Path(path).is_dir() and any(Path(path).iterdir()):
+        if not schema.is_url(path) and Path(path).is_dir() and any(Path(path).iterdir()):
             raise TraceExistsError(
                 f"{path} exists and holds files that are not a trace; "
                 "choose a new or empty directory for TraceCallback(dirpath=...)."
@@ -158,13 +154,14 @@ def open_for_writing(
     resume: ResumeState | None,
     overwrite: bool,
     compressor: zarr.abc.codec.BytesBytesCodec | None,
+    storage_options: dict[str, Any] | None = None,
 ) -> tuple[zarr.Group, int]:
     """Create a trace, or reopen one to continue it; returns the group and its record count.
 
     Resuming cuts the trace back to the steps the checkpoint had seen, so a
     continued run neither repeats nor skips a step.
     """
-    attrs = _read_attrs(path)
+    attrs = _read_attrs(path, storage_options)
     if attrs is not None and attrs.get("format") != schema.FORMAT:
         raise TraceExistsError(f"{path} is a Zarr group but not a lightning_tracetrain trace; choose another dirpath.")
     existing = TraceSpec.from_attrs(attrs) if attrs is not None and attrs.get("initialized") else None
@@ -190,7 +187,7 @@ def open_for_writing(
                 f"The trace at {path} was recorded for {existing.describe()}, but this run traces "
                 f"{spec.describe()}. Trace the same layers of the same model, or choose another dirpath."
             )
-        group = zarr.open_group(store=path, mode="r+")
+        group = schema.open_group(path, "r+", storage_options)
         truncate(group, resume.records)
         return group, resume.records
     if existing is not None and not overwrite:
@@ -202,7 +199,7 @@ def open_for_writing(
             f"{path} already holds {what}. Pass TraceCallback(overwrite=True) to replace it, resume the earlier "
             "run with trainer.fit(..., ckpt_path=...), or choose another dirpath."
         )
-    return _create(path, spec, initial, compressor), 0
+    return _create(path, spec, initial, compressor, storage_options), 0
 
 
 def _create(
@@ -210,13 +207,15 @@ def _create(
     spec: TraceSpec,
     initial: dict[tuple[str, str], np.ndarray],
     compressor: zarr.abc.codec.BytesBytesCodec | None,
+    storage_options: dict[str, Any] | None = None,
 ) -> zarr.Group:
     """Create a trace; on a local disk it is built beside ``path`` and renamed into place.
 
-    So a run killed at any moment leaves either no trace or a complete one.
+    So a run killed at any moment leaves either no trace or a complete one. On object storage
+    the trace is built in place; the reader refuses it until its ``initialized`` attribute is set.
     """
-    if not _is_local(path):
-        return _build(path, spec, initial, compressor)
+    if schema.is_url(path):
+        return _build(path, spec, initial, compressor, storage_options)
     final = Path(path)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = final.parent / f".{final.name}.creating-{uuid.uuid4().hex[:8]}"
@@ -224,7 +223,7 @@ def _create(
     if final.exists():  # an empty directory, or a trace the user asked to overwrite
         shutil.rmtree(final)
     os.rename(tmp, final)
-    return zarr.open_group(store=path, mode="r+")
+    return schema.open_group(path, "r+")
 
 
 def _build(
@@ -232,6 +231,7 @@ def _build(
     spec: TraceSpec,
     initial: dict[tuple[str, str], np.ndarray],
     compressor: zarr.abc.codec.BytesBytesCodec | None,
+    storage_options: dict[str, Any] | None = None,
 ) -> zarr.Group:
     from lightning_tracetrain import __version__
 
@@ -246,7 +246,7 @@ def _build(
         "examples_committed": 0,
         **spec.to_attrs(),
     }
-    group = zarr.open_group(store=path, mode="w", attributes=attrs)
+    group = schema.open_group(path, "w", storage_options, attributes=attrs)
     for lay in spec.layers:
         for param, shape in lay.params.items():
             init = group.create_array(

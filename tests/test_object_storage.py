@@ -1,0 +1,113 @@
+"""Traces on object storage: record, kill, resume and explain against a real S3 server (moto) on loopback."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import TinyCNN, image_loader, quiet_trainer
+
+from lightning_tracetrain import Trace, TraceCallback, TraceFormatError
+from lightning_tracetrain.explainer import Explainer
+
+moto_server = pytest.importorskip("moto.server", reason="moto[server] is a dev dependency (pip install -e .[dev])")
+s3fs = pytest.importorskip("s3fs", reason="s3fs is needed for s3:// traces (pip install -e .[s3])")
+
+SCRIPT = Path(__file__).with_name("trace_run.py")
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def s3():
+    """An S3-compatible server on 127.0.0.1 with a bucket ``traces``; the environment points boto at it."""
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
+    with pytest.MonkeyPatch.context() as mp:
+        for key, value in {
+            "AWS_ENDPOINT_URL": endpoint,
+            "AWS_ACCESS_KEY_ID": "testing",
+            "AWS_SECRET_ACCESS_KEY": "testing",
+            "AWS_DEFAULT_REGION": "us-east-1",
+        }.items():
+            mp.setenv(key, value)
+        s3fs.S3FileSystem.clear_instance_cache()
+        s3fs.S3FileSystem().mkdir("traces")
+        yield {"endpoint_url": endpoint, "key": "testing", "secret": "testing"}
+    server.stop()
+
+
+def _committed(url: str) -> int:
+    try:
+        return Trace(url).num_steps
+    except (TraceFormatError, FileNotFoundError):
+        return -1
+
+
+def _run(out: Path, url: str, *args: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, str(SCRIPT), str(out), "--trace", url, *args],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        env={**os.environ, "PYTHONWARNINGS": "ignore"},
+    )
+
+
+def _assert_weights(trace: Trace, expected: dict[str, torch.Tensor], step: int) -> None:
+    for layer, params in trace.weights_at(step).items():
+        for param, value in params.items():
+            torch.testing.assert_close(value, expected[f"{layer}.{param}"], atol=1e-6, rtol=1e-5)
+
+
+def test_record_kill_and_resume_on_s3(s3, tmp_path):
+    url = "s3://traces/killed/trace"
+    proc = _run(tmp_path, url, "--max-steps", "400", "--sleep", "0.02")
+    deadline = time.monotonic() + 180
+    while len(list((tmp_path / "ckpt").glob("*.ckpt"))) < 2 or _committed(url) < 10:
+        assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
+        assert time.monotonic() < deadline, "the run did not get there in time"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+
+    trace = Trace(url, storage_options=s3)  # explicit options work as well as the environment
+    killed_at = trace.num_steps
+    np.testing.assert_array_equal(trace.steps.global_step, np.arange(killed_at))
+    _assert_weights(trace, torch.load(tmp_path / "snaps" / f"step_{killed_at}.pt"), killed_at)
+
+    resume_from = tmp_path / "ckpt" / "step=5.ckpt"
+    proc = _run(tmp_path, url, "--max-steps", "20", "--resume", str(resume_from))
+    assert proc.wait(timeout=300) == 0, proc.stderr.read().decode()[-3000:]
+    trace = Trace(url)
+    assert trace.num_steps == 20
+    np.testing.assert_array_equal(trace.steps.global_step, np.arange(20))  # no gap, no duplicate
+    _assert_weights(trace, torch.load(tmp_path / "final.pt"), 20)
+    _assert_weights(trace, torch.load(tmp_path / "snaps" / "step_5.pt"), 5)
+
+
+def test_explain_a_trace_on_s3_with_a_worker_process(s3, monkeypatch):
+    monkeypatch.delenv("AWS_ENDPOINT_URL")  # only the explicit storage options know where the server is
+    s3fs.S3FileSystem.clear_instance_cache()
+    url = "s3://traces/explained/trace"
+    torch.manual_seed(0)
+    model = TinyCNN()
+    callback = TraceCallback(url, chunk_steps=4, storage_options=s3)
+    quiet_trainer(max_epochs=2, callbacks=[callback]).fit(model, image_loader())
+    trace = Trace(url, storage_options=s3)
+    assert trace.num_steps == 10
+    explainer = Explainer(model.eval(), trace)
+    explainer.set_queries([{"x": torch.randn(1, 1, 6, 6, generator=torch.Generator().manual_seed(q))} for q in (1, 2)])
+    result = explainer.run(num_workers=1)  # a spawned worker reads the chunks with the trace's storage options
+    assert explainer.chunk_loader().dataset.storage_options == s3
+    for attribution in result.values():
+        assert float(attribution.residual.abs().max()) <= 1e-5
+    with pytest.raises(ValueError, match="storage_options are for fsspec URLs"):
+        Trace("/tmp/a-local-trace", storage_options=s3)
