@@ -20,6 +20,7 @@ from lightning_tracetrain.functional import weight_deltas
 from lightning_tracetrain.layers import layer_parameters, select_layers
 from lightning_tracetrain.trace.schema import ClassSpec, LayerSpec, TraceSpec
 from lightning_tracetrain.trace.writer import (
+    STORAGE_MODES,
     Compressor,
     DeltaStager,
     ResumeState,
@@ -50,6 +51,11 @@ class TraceCallback(Callback):
         layers: Layers to trace: ``None`` for every Linear/Conv layer (torch or
             PyG), or qualified names / glob patterns such as ``"features.*"``.
         compressor: ``"zstd"`` (default), ``"lz4"``, ``None`` or a Zarr codec.
+        storage: ``"lossless"`` (default): deltas exactly as float32. ``"compact"``: each delta rounded to
+            ``keepbits`` mantissa bits (BitRound) before shuffle and compression, with error feedback: the
+            rounding error of a step is added to the next step's delta, so ``initial + sum of deltas`` stays
+            within one step's rounding of the true weights at every step (exact sums are not kept).
+        keepbits: Mantissa bits kept by ``storage="compact"`` (float32 has 23; default 4).
         chunk_steps: Steps per stored chunk; by default about 8 MiB of deltas.
         overwrite: Replace a trace already at ``dirpath`` instead of failing.
         storage_options: Options of the fsspec filesystem of a URL ``dirpath`` (for S3: ``endpoint_url``,
@@ -76,6 +82,8 @@ class TraceCallback(Callback):
         layers: str | list[str] | None = None,
         *,
         compressor: Compressor = "zstd",
+        storage: str = "lossless",
+        keepbits: int = 4,
         chunk_steps: int | None = None,
         overwrite: bool = False,
         max_pending_steps: int = 8,
@@ -88,7 +96,15 @@ class TraceCallback(Callback):
             raise ValueError(f"max_pending_steps must be at least 1, got {max_pending_steps}.")
         self.dirpath = str(dirpath)
         self.layers = layers
+        if storage not in STORAGE_MODES:
+            raise ValueError(
+                f"Unknown storage {storage!r}: use one of {', '.join(map(repr, STORAGE_MODES))} (the 'factored' mode "
+                "for Linear layers under plain SGD is not available yet)."
+            )
+        if not 0 <= keepbits <= 23:
+            raise ValueError(f"keepbits must be between 0 and 23 (float32 mantissa bits), got {keepbits}.")
         self.compressor = compressor
+        self.storage, self.keepbits = storage, keepbits
         self.chunk_steps = chunk_steps
         self.overwrite = overwrite
         self.max_pending_steps = max_pending_steps
@@ -143,6 +159,8 @@ class TraceCallback(Callback):
             ),
             chunk_steps=self.chunk_steps or _default_chunk_steps(self._params),
             compressor=None if (c := make_compressor(self.compressor)) is None else c.to_dict(),
+            mode=self.storage,
+            keepbits=self.keepbits if self.storage == "compact" else None,
         )
         if trainer.is_global_zero:
             self._prev = [t.detach().float().clone() for t in self._params]

@@ -174,12 +174,21 @@ class Explainer(pl.LightningModule):
     # ------------------------------------------------------------------ checks
 
     def _check_weights(self) -> None:
-        """The model's traced layers must hold ``initial + sum of the first stop deltas``."""
+        """The model's traced layers must hold ``initial + sum of the first stop deltas``.
+
+        A compact trace sums to them within one step's rounding (error feedback): the tolerance
+        grows by ``2**-keepbits`` of the largest total change of the parameter.
+        """
         weights = self.trace.weights_at(self.stop)
+        keepbits = self.trace.spec.keepbits if self.trace.storage == "compact" else None
         for name in self.layer_names:
+            initial = self.trace.initial(name) if keepbits is not None else {}
             for param, value in weights[name].items():
                 actual = getattr(self.layers[name], param).detach().float().cpu()
-                if actual.shape != value.shape or not torch.allclose(actual, value, rtol=1e-4, atol=1e-5):
+                atol = 1e-5
+                if keepbits is not None:
+                    atol += 2.0**-keepbits * float((value - initial[param]).abs().max())
+                if actual.shape != value.shape or not torch.allclose(actual, value, rtol=1e-4, atol=atol):
                     raise TraceMismatchError(
                         f"Layer {name}.{param} of the model does not match the trace at {self.trace.path} after "
                         f"{self.stop} steps: the checkpoint and the trace are from different models or runs. "

@@ -205,6 +205,11 @@ class Trace:
 
     # ---- size
 
+    @property
+    def storage(self) -> str:
+        """``"lossless"`` or ``"compact"`` (deltas rounded to ``spec.keepbits`` mantissa bits)."""
+        return self.spec.mode
+
     def nbytes(self) -> dict[str, int]:
         """Stored and raw (float32) bytes of the deltas of the committed steps."""
         stored = raw = 0
@@ -214,6 +219,11 @@ class Trace:
                 raw += int(np.prod(shape)) * 4 * self.num_steps
                 stored += int(arr.nbytes_stored())
         return {"stored": stored, "raw": raw}
+
+    def _storage_line(self) -> str:
+        if self.storage == "compact":
+            return f"compact: {self.spec.keepbits} mantissa bits"
+        return "lossless"
 
     def summary(self) -> str:
         """A short human-readable description: layers, steps, bytes."""
@@ -226,7 +236,7 @@ class Trace:
             f"skipped {int(self.steps.skipped.sum()) if self.num_steps else 0})",
             f"  classes {self._class_line()}",
             f"  deltas  {_fmt_bytes(size['stored'])} on disk, {_fmt_bytes(size['raw'])} as float32 "
-            f"({ratio:.2f}x compression)",
+            f"({ratio:.2f}x compression, {self._storage_line()})",
             "  layers",
         ]
         for lay in self.spec.layers:

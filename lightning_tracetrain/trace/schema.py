@@ -92,6 +92,8 @@ class TraceSpec:
     lr_columns: tuple[str, ...]
     chunk_steps: int
     compressor: dict[str, Any] | None
+    mode: str = "lossless"  # or "compact": deltas rounded to keepbits mantissa bits, with error feedback
+    keepbits: int | None = None
 
     @property
     def fingerprint(self) -> dict[str, Any]:
@@ -109,10 +111,11 @@ class TraceSpec:
             "datamodule": None if self.datamodule is None else self.datamodule.to_dict(),
             "lr_columns": list(self.lr_columns),
             "storage": {
-                "mode": "lossless",
+                "mode": self.mode,
                 "dtype": "float32",
                 "chunk_steps": self.chunk_steps,
                 "compressor": self.compressor,
+                **({"keepbits": self.keepbits} if self.mode == "compact" else {}),
             },
         }
 
@@ -125,6 +128,8 @@ class TraceSpec:
             lr_columns=tuple(attrs.get("lr_columns", ())),
             chunk_steps=int(attrs["storage"]["chunk_steps"]),
             compressor=attrs["storage"].get("compressor"),
+            mode=attrs["storage"].get("mode", "lossless"),
+            keepbits=attrs["storage"].get("keepbits"),
         )
 
 

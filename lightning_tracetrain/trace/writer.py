@@ -25,6 +25,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import numcodecs
 import numpy as np
 import torch
 import zarr
@@ -37,6 +38,7 @@ from lightning_tracetrain.trace import schema
 from lightning_tracetrain.trace.schema import TraceSpec
 
 Compressor = str | zarr.abc.codec.BytesBytesCodec | None
+STORAGE_MODES = ("lossless", "compact")
 
 
 def make_compressor(compressor: Compressor) -> zarr.abc.codec.BytesBytesCodec | None:
@@ -351,6 +353,9 @@ class TraceWriter:
             for p in lay.params
         ]
         self._windows = [[np.zeros(arr.chunks, dtype=np.float32) for arr in self._arrays] for _ in range(2)]
+        keepbits = spec.keepbits if spec.mode == "compact" else None
+        self._round = None if keepbits is None else numcodecs.BitRound(keepbits)
+        self._carry = [np.zeros(arr.chunks[1:], dtype=np.float32) for arr in self._arrays]  # compact: rounding error
         self._window_commit: list[Future[None] | None] = [None, None]  # last commit that reads each window
         self._current = 0
         self._steps = {name: group[schema.step_path(name)] for name in schema.STEP_ARRAYS}
@@ -456,6 +461,13 @@ class TraceWriter:
     def _capacity(self) -> int:
         return self._chunk - self._start % self._chunk
 
+    def _rounded(self, i: int, delta: np.ndarray) -> np.ndarray:
+        """``storage="compact"``: the delta plus the previous rounding error, rounded; keeps the new error."""
+        value = delta.reshape(self._carry[i].shape) + self._carry[i]
+        stored = self._round.encode(value).view(np.float32).reshape(value.shape)  # type: ignore[union-attr]
+        self._carry[i] = value - stored
+        return stored
+
     def _append(self, record: StepRecord) -> None:
         row = len(self._pending)
         window = self._windows[self._current]
@@ -466,8 +478,8 @@ class TraceWriter:
                 buf[row] = 0.0
         else:
             try:
-                for buf, arr in zip(window, record.deltas.arrays(), strict=True):
-                    buf[row] = arr.reshape(buf.shape[1:])
+                for i, (buf, arr) in enumerate(zip(window, record.deltas.arrays(), strict=True)):
+                    buf[row] = arr.reshape(buf.shape[1:]) if self._round is None else self._rounded(i, arr)
             finally:
                 record.deltas.release()
             record.deltas = StagedDeltas(())  # the data now lives in the window

@@ -1,0 +1,107 @@
+"""Storage per mode, and how much `compact` changes explanations against `lossless`.
+
+One digits run (configs/digits.yaml's workload) is traced twice at once, by two
+TraceCallbacks (``storage="lossless"`` and ``storage="compact"``), so both
+traces hold the same steps. Reports stored bytes over float32 bytes per mode,
+then explains test inputs with each trace and compares: overlap of the top-10
+training examples per layer (Algorithm 1, gamma) and Spearman correlation of
+the per-step gamma. Writes a JSON result with machine details.
+
+    python benchmarks/storage.py [--epochs 10] [--queries 50] [--out benchmarks/results/storage_digits_cpu.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import tempfile
+from pathlib import Path
+
+import lightning.pytorch as pl
+import torch
+
+from lightning_tracetrain import Trace, TraceCallback
+from lightning_tracetrain.data import DigitsDataModule
+from lightning_tracetrain.explainer import Explainer, example_attribution
+from lightning_tracetrain.models import DigitsCNN
+
+
+def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Spearman rank correlation of two 1-d tensors (ties broken by position)."""
+    ra = a.double().argsort().argsort().double()
+    rb = b.double().argsort().argsort().double()
+    ra, rb = ra - ra.mean(), rb - rb.mean()
+    return float((ra * rb).sum() / (ra.norm() * rb.norm()))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--queries", type=int, default=50)
+    parser.add_argument("--keepbits", type=int, default=4)
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/storage_digits_cpu.json"))
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        pl.seed_everything(0, verbose=False)
+        datamodule = DigitsDataModule(batch_size=32, single_class=True, ghost_size=10)
+        model = DigitsCNN(lr=0.05, momentum=0.9, ghost_batch_norm=True, schedule="cosine")
+        modes = {"lossless": {}, "compact": {"keepbits": args.keepbits}}
+        callbacks = [TraceCallback(f"{tmp}/{mode}", storage=mode, **kw) for mode, kw in modes.items()]
+        pl.Trainer(
+            max_epochs=args.epochs, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+            enable_progress_bar=False, enable_model_summary=False, use_distributed_sampler=False, callbacks=callbacks,
+        ).fit(model, datamodule)  # fmt: skip
+        traces = {mode: Trace(f"{tmp}/{mode}") for mode in modes}
+        storage = {}
+        for mode, trace in traces.items():
+            nbytes = trace.nbytes()
+            storage[mode] = {"stored_over_float32": nbytes["stored"] / nbytes["raw"], **nbytes}
+        test = datamodule.test_dataset
+        collate = datamodule.test_dataloader().collate_fn
+        queries = [collate([test[i]]) for i in range(args.queries)]
+        results = {}
+        for mode, trace in traces.items():
+            explainer = Explainer(model.eval(), trace, norms=False)
+            explainer.set_queries(queries)
+            results[mode] = explainer.run(accelerator="cpu")
+        fidelity = {}
+        for layer, lossless in results["lossless"].items():
+            compact = results["compact"][layer]
+            ex_l, _ = example_attribution(traces["lossless"], lossless.gamma, traces["lossless"].num_steps)
+            ex_c, _ = example_attribution(traces["compact"], compact.gamma, traces["compact"].num_steps)
+            top_l, top_c = ex_l.topk(10, dim=1).indices, ex_c.topk(10, dim=1).indices
+            overlap = [len(set(a.tolist()) & set(b.tolist())) / 10 for a, b in zip(top_l, top_c, strict=True)]
+            rho = [spearman(a, b) for a, b in zip(lossless.gamma, compact.gamma, strict=True)]
+            fidelity[layer] = {
+                "top10_overlap_mean": sum(overlap) / len(overlap),
+                "top10_overlap_min": min(overlap),
+                "spearman_gamma_mean": sum(rho) / len(rho),
+                "spearman_gamma_min": min(rho),
+                "completeness_residual_max": float(compact.residual.abs().max()),
+            }
+    result = {
+        "benchmark": "storage per mode, and compact vs lossless explanations (digits CNN)",
+        "command": "python benchmarks/storage.py",
+        "epochs": args.epochs,
+        "queries": args.queries,
+        "keepbits": args.keepbits,
+        "storage": storage,
+        "fidelity": fidelity,
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__},
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2))
+    for mode, s in storage.items():
+        print(f"{mode:<9} stored / float32 bytes: {s['stored_over_float32']:.3f}")
+    for layer, f in fidelity.items():
+        print(
+            f"{layer:<10} top-10 overlap {f['top10_overlap_mean']:.3f} (min {f['top10_overlap_min']:.2f}), "
+            f"Spearman of gamma {f['spearman_gamma_mean']:.4f} (min {f['spearman_gamma_min']:.4f})"
+        )
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
