@@ -24,9 +24,8 @@ import lightning.pytorch as pl
 import torch
 
 from lightning_tracetrain import Trace, TraceCallback
-from lightning_tracetrain.data import DigitsDataModule
+from lightning_tracetrain.evaluate import digits_workload
 from lightning_tracetrain.explainer import DeltaChunks, Explainer
-from lightning_tracetrain.models import DigitsCNN
 
 
 def _best(fn: Callable[[], object], repeats: int) -> float:
@@ -48,8 +47,7 @@ def main() -> None:
     passes: dict[str, dict[str, float]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         pl.seed_everything(0, verbose=False)
-        datamodule = DigitsDataModule(batch_size=32, single_class=True, ghost_size=10)
-        model = DigitsCNN(lr=0.05, momentum=0.9, ghost_batch_norm=True, schedule="cosine")
+        model, datamodule = digits_workload()
         pl.Trainer(
             max_epochs=args.epochs, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
             enable_progress_bar=False, enable_model_summary=False, use_distributed_sampler=False,

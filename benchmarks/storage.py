@@ -23,9 +23,8 @@ import lightning.pytorch as pl
 import torch
 
 from lightning_tracetrain import Trace, TraceCallback
-from lightning_tracetrain.data import DigitsDataModule
+from lightning_tracetrain.evaluate import digits_workload
 from lightning_tracetrain.explainer import Explainer, example_attribution
-from lightning_tracetrain.models import DigitsCNN
 
 
 def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -45,8 +44,7 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         pl.seed_everything(0, verbose=False)
-        datamodule = DigitsDataModule(batch_size=32, single_class=True, ghost_size=10)
-        model = DigitsCNN(lr=0.05, momentum=0.9, ghost_batch_norm=True, schedule="cosine")
+        model, datamodule = digits_workload()
         modes = {"lossless": {}, "compact": {"keepbits": args.keepbits}}
         callbacks = [TraceCallback(f"{tmp}/{mode}", storage=mode, **kw) for mode, kw in modes.items()]
         pl.Trainer(

@@ -71,13 +71,18 @@ def detection_rate(self_influence: Tensor, flipped: Tensor, fraction: float) -> 
 # ---------------------------------------------------------------------- workload
 
 
+def digits_workload(seed: int = 0, label_noise: float = 0.0) -> tuple[DigitsCNN, DigitsDataModule]:
+    """The model and datamodule of configs/digits.yaml (single-class batches with ghosts, ghost batch norm)."""
+    datamodule = DigitsDataModule(batch_size=32, single_class=True, ghost_size=10, seed=seed, label_noise=label_noise)
+    return DigitsCNN(lr=0.05, momentum=0.9, ghost_batch_norm=True, schedule="cosine"), datamodule
+
+
 def train_digits(
     root: Path, epochs: int, seed: int, label_noise: float = 0.0
 ) -> tuple[DigitsCNN, DigitsDataModule, Trace]:
     """The workload of configs/digits.yaml, traced into ``root/trace``."""
     pl.seed_everything(seed, verbose=False)
-    datamodule = DigitsDataModule(batch_size=32, single_class=True, ghost_size=10, seed=seed, label_noise=label_noise)
-    model = DigitsCNN(lr=0.05, momentum=0.9, ghost_batch_norm=True, schedule="cosine")
+    model, datamodule = digits_workload(seed, label_noise)
     trainer = _trainer(epochs, callbacks=[TraceCallback(root / "trace", overwrite=True)])
     trainer.fit(model, datamodule)
     return model.eval(), datamodule, Trace(root / "trace")
@@ -128,19 +133,20 @@ def identical_class_test(
     test, train = datamodule.test_dataset, datamodule.train_dataset
     result: dict[str, float] = {}
     log(f"  ours: one pass over {trace.num_steps} steps for {len(queries)} test inputs")
+    train_batches, test_batches = _batches(train), _batches(test, queries)
     ours, predicted, labels = _our_scores(model, trace, _singles(test, queries), norms=True)
     for layer, by_score in ours.items():
         for score, s in by_score.items():
             result[f"ours {layer} ({score})"] = identical_class(s, labels, predicted)
     log("  Representer Points: fine-tuning the last layer")
-    rp = RepresenterPoints(model).fit(_batches(train))
-    values, rp_predicted = rp.values(_batches(test, queries))
+    rp = RepresenterPoints(model).fit(train_batches)
+    values, rp_predicted = rp.values(test_batches)
     train_labels = rp.labels.cpu()
     result["Representer Points"] = identical_class(values.cpu(), train_labels, rp_predicted.cpu())
     tracin = TracIn(model, trace)
     log(f"  TracIn: {len(tracin.checkpoints)} checkpoints rebuilt from the trace")
     for cosine, kind in ((False, "dot"), (True, "cosine")):
-        for layer, s in tracin.scores(_batches(train), _batches(test, queries), cosine=cosine).items():
+        for layer, s in tracin.scores(train_batches, test_batches, cosine=cosine).items():
             result[f"TracIn {layer} ({kind})"] = identical_class(s.cpu(), train_labels, predicted)
     return result
 
@@ -154,6 +160,7 @@ def mislabel_detection(
     n = len(train)
     ranking: dict[str, Tensor] = {}
     log(f"  ours: self-influence of {n} training examples (each its own query)")
+    train_batches = _batches(train)
     ours, _, _ = _our_scores(model, trace, _singles(train, range(n)), norms=True)
     diagonal = torch.arange(n)
     for layer, by_score in ours.items():
@@ -161,9 +168,9 @@ def mislabel_detection(
             ranking[f"ours {layer} ({score})"] = s[diagonal, diagonal]
             ranking[f"ours {layer} ({score}, lowest first)"] = -s[diagonal, diagonal]
     log("  Representer Points: |alpha_i,y_i| after fine-tuning towards the training labels")
-    ranking["Representer Points"] = RepresenterPoints(model, targets="labels").fit(_batches(train)).self_influence()
+    ranking["Representer Points"] = RepresenterPoints(model, targets="labels").fit(train_batches).self_influence()
     log("  TracIn: self-influence")
-    for layer, s in TracIn(model, trace).self_influence(_batches(train)).items():
+    for layer, s in TracIn(model, trace).self_influence(train_batches).items():
         ranking[f"TracIn {layer} (dot)"] = s  # the cosine of a gradient with itself is 1: no ranking
     return {
         method: {f"top {f:.0%}": detection_rate(s.cpu(), flipped, f) for f in fractions}
@@ -178,12 +185,13 @@ def cladec_accuracy(
     train, test = datamodule.train_dataset, datamodule.test_dataset
     log(f"  training ClaDec (alpha {', '.join(f'{a:g}' for a in alphas)}) and the reference autoencoder on {layer}")
     decoders = fit_decoders(model, layer, train, alphas, epochs)
+    train_batches, test_batches = _batches(train), _batches(test)
+    x_orig = torch.cat([b["x"] for b in test_batches])
     result: dict[str, dict[str, float]] = {}
     for name, cladec in decoders.items():
         log(f"  {name}: a fresh classifier on the reconstructions")
-        x_train, y_train = reconstruct_all(cladec, _batches(train))
-        x_test, y_test = reconstruct_all(cladec, _batches(test))
-        x_orig = torch.cat([b["x"] for b in _batches(test)])
+        x_train, y_train = reconstruct_all(cladec, train_batches)
+        x_test, y_test = reconstruct_all(cladec, test_batches)
         with torch.no_grad():
             fidelity = float((model(x_test.to(model.device)).argmax(-1).cpu() == y_test).double().mean())
         result[name] = {

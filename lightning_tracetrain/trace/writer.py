@@ -355,7 +355,9 @@ class TraceWriter:
         self._windows = [[np.zeros(arr.chunks, dtype=np.float32) for arr in self._arrays] for _ in range(2)]
         keepbits = spec.keepbits if spec.mode == "compact" else None
         self._round = None if keepbits is None else numcodecs.BitRound(keepbits)
-        self._carry = [np.zeros(arr.chunks[1:], dtype=np.float32) for arr in self._arrays]  # compact: rounding error
+        self._carry: list[np.ndarray] = []  # compact: each parameter's rounding error, carried into the next step
+        if self._round is not None:
+            self._carry = [np.zeros(arr.chunks[1:], dtype=np.float32) for arr in self._arrays]
         self._window_commit: list[Future[None] | None] = [None, None]  # last commit that reads each window
         self._current = 0
         self._steps = {name: group[schema.step_path(name)] for name in schema.STEP_ARRAYS}
