@@ -1,10 +1,20 @@
 """Training overhead of tracing: traced over untraced wall time per step, same model and steps.
 
 Runs alternate (untraced, traced, untraced, ...) in one process, so both see the
-same machine state; the reported ratio is the median of per-pair ratios.
+same machine state; the reported ratio is the median of per-pair ratios. The
+timed span is the training loop plus the trace's final commit at fit end (the
+one-off creation of the trace is reported separately). Workloads:
+
+- ``digits``: the digits CNN of configs/digits.yaml on the embedded data (single-class batches
+  of 32 plus 10 ghosts, ghost batch norm: what ``make demo`` trains);
+- ``digits-plain``: the same CNN with its defaults on ordinary shuffled batches of 32 (plain
+  batch norm): a step 3x cheaper, so the same recording cost weighs 3x more;
+- ``vgg16``: the paper's VGG-16 for CIFAR-10 on synthetic tensors of CIFAR's shape;
+- ``gin``: the paper's 5-layer ppa GIN on synthetic graphs of ogbg-ppa's size.
+
 Writes a JSON result with machine details.
 
-    python benchmarks/overhead.py [--steps 400] [--repeats 5] [--out benchmarks/results/overhead_digits_cpu.json]
+    python benchmarks/overhead.py [--workload digits] [--accelerator cpu] [--steps 400] [--repeats 5]
 """
 
 from __future__ import annotations
@@ -21,34 +31,90 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from torch.utils.data import DataLoader, Dataset, TensorDataset
 
-from lightning_tracetrain import Trace, TraceCallback
+from lightning_tracetrain import IndexedDataset, Trace, TraceCallback
+from lightning_tracetrain.batch import loader_class
 from lightning_tracetrain.data import DigitsDataModule
-from lightning_tracetrain.models import DigitsCNN
+from lightning_tracetrain.evaluate import digits_workload
+from lightning_tracetrain.models import VGG16, DigitsCNN, PpaGIN
+
+WORKLOADS = ("digits", "digits-plain", "vgg16", "gin")
 
 
 class _Timer(pl.Callback):
-    """Wall time of the training loop alone (no setup, no teardown)."""
+    """Wall time from the first training batch to the end of fit (after the trace's final commit)."""
+
+    def __init__(self, device_type: str) -> None:
+        self.cuda = device_type == "cuda"
+
+    def _now(self) -> float:
+        if self.cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.fit_start = self._now()
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if pl_module.device.type == "cuda":
-            torch.cuda.synchronize()
-        self.start = time.perf_counter()
+        self.setup_s = self._now() - self.fit_start  # includes the trace's creation (callbacks before this one)
+        self.start = self._now()
 
-    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if pl_module.device.type == "cuda":
-            torch.cuda.synchronize()
-        self.seconds = time.perf_counter() - self.start
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.seconds = self._now() - self.start  # runs after TraceCallback.on_fit_end: the final commit is in
 
 
-def _run(steps: int, trace_dir: str | None, accelerator: str) -> dict[str, Any]:
+def _graphs(n: int, seed: int = 0) -> list[Any]:
+    """Random graphs of ogbg-ppa's size (about 240 nodes, 2,300 edges, 7 edge features, 37 classes)."""
+    from torch_geometric.data import Data
+
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        nodes = int(torch.randint(150, 330, (), generator=g))
+        edges = torch.randint(0, nodes, (2, 9 * nodes), generator=g)
+        out.append(
+            Data(
+                x=torch.zeros(nodes, dtype=torch.long),
+                edge_index=edges,
+                edge_attr=torch.rand(edges.shape[1], 7, generator=g),
+                y=torch.randint(0, 37, (1,), generator=g),
+            )
+        )
+    return out
+
+
+def workload(name: str, batch_size: int | None) -> tuple[pl.LightningModule, Any]:
+    """A fresh model and training data (a datamodule or a DataLoader following the batch protocol)."""
+    if name == "digits":
+        return digits_workload()
+    if name == "digits-plain":
+        return DigitsCNN(), DigitsDataModule(batch_size=batch_size or 32)
+    g = torch.Generator().manual_seed(0)
+    dataset: Dataset
+    if name == "vgg16":
+        model: pl.LightningModule = VGG16(ghost_batch_norm=False)
+        dataset = TensorDataset(torch.randn(2048, 3, 32, 32, generator=g), torch.randint(0, 10, (2048,), generator=g))
+        batch_size = batch_size or 128
+    elif name == "gin":
+        model, dataset, batch_size = PpaGIN(ghost_batch_norm=False), _graphs(512), batch_size or 32  # type: ignore[assignment]
+    else:
+        raise ValueError(f"Unknown workload {name!r}: use one of {', '.join(WORKLOADS)}.")
+    indexed = IndexedDataset(dataset)
+    return model, loader_class(indexed)(indexed, batch_size=batch_size, shuffle=True, generator=g, drop_last=True)
+
+
+def _run(args: argparse.Namespace, steps: int, trace_dir: str | None) -> dict[str, Any]:
     pl.seed_everything(0, verbose=False)
-    timer = _Timer()
-    callbacks: list[pl.Callback] = [timer]
+    model, data = workload(args.workload, args.batch_size)
+    device = "cuda" if args.accelerator in ("gpu", "cuda") else args.accelerator
+    timer = _Timer(device)
+    callbacks: list[pl.Callback] = []
     if trace_dir is not None:
-        callbacks.append(TraceCallback(trace_dir, overwrite=True))
+        callbacks.append(TraceCallback(trace_dir, overwrite=True, storage=args.storage))
+    callbacks.append(timer)  # last: its on_fit_end runs after the trace's final commit
     trainer = pl.Trainer(
-        accelerator=accelerator,
+        accelerator=args.accelerator,
         devices=1,
         max_steps=steps,
         logger=False,
@@ -58,40 +124,54 @@ def _run(steps: int, trace_dir: str | None, accelerator: str) -> dict[str, Any]:
         limit_val_batches=0,
         callbacks=callbacks,
     )
-    trainer.fit(DigitsCNN(), DigitsDataModule(batch_size=32))
-    out: dict[str, Any] = {"seconds": timer.seconds, "steps": trainer.global_step}
+    if isinstance(data, DataLoader):
+        trainer.fit(model, data)
+    else:
+        trainer.fit(model, datamodule=data)
+    out: dict[str, Any] = {"seconds": timer.seconds, "setup_s": timer.setup_s, "steps": trainer.global_step}
     if trace_dir is not None:
         trace = Trace(trace_dir)
         out["recorded_steps"] = trace.num_steps
+        out["chunk_steps"] = trace.spec.chunk_steps
         out.update({f"bytes_{k}": v for k, v in trace.nbytes().items()})
     return out
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--workload", choices=WORKLOADS, default="digits")
+    parser.add_argument("--accelerator", default="cpu")
     parser.add_argument("--steps", type=int, default=400)
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--accelerator", default="cpu")
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/overhead_digits_cpu.json"))
+    parser.add_argument("--batch-size", type=int, default=None, help="digits: configs/digits.yaml's; vgg16 128; gin 32")
+    parser.add_argument("--storage", default="lossless", choices=("lossless", "compact"))
+    parser.add_argument("--out", type=Path, default=None, help="default benchmarks/results/overhead_WORKLOAD_ACC.json")
     args = parser.parse_args()
+    out = args.out or Path(f"benchmarks/results/overhead_{args.workload}_{args.accelerator}.json")
     torch.set_num_threads(max(1, os.cpu_count() or 1))
 
     with tempfile.TemporaryDirectory() as tmp:
-        _run(20, None, args.accelerator)  # warm-up: imports, allocator, data
+        _run(args, min(20, args.steps), None)  # warm-up: imports, allocator, data, kernels
         pairs = []
         for r in range(args.repeats):
-            plain = _run(args.steps, None, args.accelerator)
-            traced = _run(args.steps, f"{tmp}/trace{r}", args.accelerator)
+            plain = _run(args, args.steps, None)
+            traced = _run(args, args.steps, f"{tmp}/trace{r}")
             assert traced["recorded_steps"] == traced["steps"] == plain["steps"]
-            pairs.append({"untraced_s": plain["seconds"], "traced_s": traced["seconds"], **traced})
+            untraced = {"untraced_s": plain["seconds"], "untraced_setup_s": plain["setup_s"]}
+            pairs.append({**untraced, "traced_s": traced["seconds"], **traced})
     ratios = [p["traced_s"] / p["untraced_s"] for p in pairs]
+    cmd = f"python benchmarks/overhead.py --workload {args.workload} --accelerator {args.accelerator} "
+    cmd += f"--steps {args.steps} --repeats {args.repeats} --storage {args.storage}"
+    cmd += f" --batch-size {args.batch_size}" if args.batch_size else ""
     result = {
-        "benchmark": "training overhead, digits CNN",
-        "command": "python benchmarks/overhead.py " + f"--steps {args.steps} --repeats {args.repeats}",
+        "benchmark": f"training overhead, {args.workload}",
+        "command": cmd,
+        "storage": args.storage,
         "ratio_median": statistics.median(ratios),
         "ratios": ratios,
         "ms_per_step_untraced": 1000 * statistics.median(p["untraced_s"] for p in pairs) / args.steps,
         "ms_per_step_traced": 1000 * statistics.median(p["traced_s"] for p in pairs) / args.steps,
+        "trace_creation_s": statistics.median(p["setup_s"] - p["untraced_setup_s"] for p in pairs),
         "storage_ratio": pairs[-1]["bytes_stored"] / pairs[-1]["bytes_raw"],
         "runs": pairs,
         "machine": {
@@ -104,12 +184,12 @@ def main() -> None:
             "cuda_device": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
         },
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
     print(
-        f"traced/untraced per step: {result['ratio_median']:.3f}x (median of {args.repeats}); "
+        f"{args.workload}: traced/untraced per step {result['ratio_median']:.3f}x (median of {args.repeats}); "
         f"{result['ms_per_step_untraced']:.2f} -> {result['ms_per_step_traced']:.2f} ms/step; "
-        f"stored/raw bytes {result['storage_ratio']:.3f}; written to {args.out}"
+        f"stored/raw bytes {result['storage_ratio']:.3f}; written to {out}"
     )
 
 

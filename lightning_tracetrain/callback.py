@@ -16,7 +16,6 @@ from torch import Tensor
 from typing_extensions import override
 
 from lightning_tracetrain.batch import batch_ghost, batch_index, batch_labels
-from lightning_tracetrain.functional import weight_deltas
 from lightning_tracetrain.layers import layer_parameters, select_layers
 from lightning_tracetrain.trace.schema import ClassSpec, LayerSpec, TraceSpec
 from lightning_tracetrain.trace.writer import (
@@ -30,7 +29,7 @@ from lightning_tracetrain.trace.writer import (
     open_for_writing,
 )
 
-_CHUNK_BYTES = 8 * 2**20  # steps are buffered until a chunk of about this many raw bytes is full
+_CHUNK_BYTES = 32 * 2**20  # steps are buffered until a chunk of about this many raw bytes is full
 
 
 class TraceCallback(Callback):
@@ -50,13 +49,14 @@ class TraceCallback(Callback):
             such as ``s3://bucket/runs/trace`` (needs ``s3fs``; see ``storage_options``).
         layers: Layers to trace: ``None`` for every Linear/Conv layer (torch or
             PyG), or qualified names / glob patterns such as ``"features.*"``.
-        compressor: ``"zstd"`` (default), ``"lz4"``, ``None`` or a Zarr codec.
+        compressor: ``"auto"`` (default: Blosc lz4 for ``lossless``, zstd for ``compact``), ``"lz4"``,
+            ``"zstd"``, ``None`` or a Zarr codec (see :func:`~lightning_tracetrain.trace.writer.make_compressor`).
         storage: ``"lossless"`` (default): deltas exactly as float32. ``"compact"``: each delta rounded to
             ``keepbits`` mantissa bits (BitRound) before shuffle and compression, with error feedback: the
             rounding error of a step is added to the next step's delta, so ``initial + sum of deltas`` stays
             within one step's rounding of the true weights at every step (exact sums are not kept).
         keepbits: Mantissa bits kept by ``storage="compact"`` (float32 has 23; default 4).
-        chunk_steps: Steps per stored chunk; by default about 8 MiB of deltas.
+        chunk_steps: Steps per stored chunk; by default about 32 MiB of deltas (at most 256 steps).
         overwrite: Replace a trace already at ``dirpath`` instead of failing.
         storage_options: Options of the fsspec filesystem of a URL ``dirpath`` (for S3: ``endpoint_url``,
             ``key``, ``secret``, ...); without them fsspec reads the environment (``AWS_ENDPOINT_URL``, ...).
@@ -81,7 +81,7 @@ class TraceCallback(Callback):
         dirpath: str | Path,
         layers: str | list[str] | None = None,
         *,
-        compressor: Compressor = "zstd",
+        compressor: Compressor = "auto",
         storage: str = "lossless",
         keepbits: int = 4,
         chunk_steps: int | None = None,
@@ -103,6 +103,7 @@ class TraceCallback(Callback):
             )
         if not 0 <= keepbits <= 23:
             raise ValueError(f"keepbits must be between 0 and 23 (float32 mantissa bits), got {keepbits}.")
+        make_compressor(compressor, storage)  # an unknown name fails here, not when training starts
         self.compressor = compressor
         self.storage, self.keepbits = storage, keepbits
         self.chunk_steps = chunk_steps
@@ -158,7 +159,7 @@ class TraceCallback(Callback):
                 for j in range(len(opt.param_groups))
             ),
             chunk_steps=self.chunk_steps or _default_chunk_steps(self._params),
-            compressor=None if (c := make_compressor(self.compressor)) is None else c.to_dict(),
+            compressor=None if (c := make_compressor(self.compressor, self.storage)) is None else c.to_dict(),
             mode=self.storage,
             keepbits=self.keepbits if self.storage == "compact" else None,
         )
@@ -171,7 +172,7 @@ class TraceCallback(Callback):
                 initial,
                 resume=self._resume,
                 overwrite=self.overwrite,
-                compressor=make_compressor(self.compressor),
+                compressor=make_compressor(self.compressor, self.storage),
                 storage_options=self.storage_options,
             )
             self._run_id = str(group.attrs["run_id"])
@@ -182,7 +183,7 @@ class TraceCallback(Callback):
                 commit_every_s=self.commit_every_s,
                 path=self.dirpath,
             )
-            self._stager = DeltaStager([t.numel() for t in self._params], pl_module.device, self.max_pending_steps + 2)
+            self._stager = DeltaStager([t.shape for t in self._params], pl_module.device, self.max_pending_steps + 2)
         self._hooks = [opt.register_step_post_hook(self._after_optimizer_step) for opt in trainer.optimizers]
 
     @override
@@ -209,11 +210,6 @@ class TraceCallback(Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         self._record_skipped(trainer.global_step)
-
-    @override
-    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self._writer is not None:
-            self._writer.flush(wait=False)  # commit the epoch's steps without making training wait
 
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -251,10 +247,10 @@ class TraceCallback(Callback):
         step = trainer.global_step  # Lightning counts the step only after optimizer.step() returns
         self._record_skipped(step)
         if self._writer is not None and self._stager is not None:
-            deltas = weight_deltas(self._params, self._prev)
-            for prev, param in zip(self._prev, self._params, strict=True):
-                prev.copy_(param.detach())
-            self._writer.put(self._record(trainer, step, self._stager.stage(deltas)))
+            staged = self._stager.stage(self._params, self._prev)
+            with torch.no_grad():
+                torch._foreach_copy_(self._prev, self._params)
+            self._writer.put(self._record(trainer, step, staged))
         self._next_step = step + 1
 
     def _record_skipped(self, global_step: int) -> None:
@@ -267,7 +263,9 @@ class TraceCallback(Callback):
             self._next_step += 1
 
     def _record(self, trainer: pl.Trainer, step: int, staged: Any) -> StepRecord:
-        if self._pending:
+        if len(self._pending) == 1:  # the usual case: one batch, one step
+            self._last_examples, self._pending = self._pending[0], []
+        elif self._pending:  # gradient accumulation: the step was produced by several batches
             parts = self._pending
             labels = [p[1] for p in parts]
             label = None if any(lab is None for lab in labels) else np.concatenate(labels)  # type: ignore[arg-type]

@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib
 import warnings
 from collections.abc import Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -59,11 +60,34 @@ class DeltaChunks(Dataset):
             a, b = self.ranges[i]
             self.ranges[i : i + 1] = [(a, (a + b) // 2), ((a + b) // 2, b)]
         self._trace: Trace | None = None
+        self._pool: ThreadPoolExecutor | None = None
+        self._ahead: dict[int, Future[dict[str, Any]]] = {}
+        self._last: int | None = None
 
     def __len__(self) -> int:
         return len(self.ranges)
 
+    def __getstate__(self) -> dict[str, Any]:  # DataLoader workers get a fresh reader and no threads
+        return {**self.__dict__, "_trace": None, "_pool": None, "_ahead": {}, "_last": None}
+
     def __getitem__(self, i: int) -> dict[str, Any]:
+        """Chunk ``i``; the chunk this reader will most likely be asked for next is read meanwhile.
+
+        The next index follows the stride of the last two requests (1 on one device, the number of
+        devices under DDP's sampler), so reading and decoding overlap the compute on the chunk.
+        """
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="trace-read")
+        future = self._ahead.pop(i, None) or self._pool.submit(self._read, i)
+        stride = 1 if self._last is None or i <= self._last else i - self._last
+        self._last = i
+        for stale in [j for j in self._ahead if j < i]:  # an index order we did not foresee
+            self._ahead.pop(stale).cancel()
+        if i + stride < len(self.ranges) and i + stride not in self._ahead:
+            self._ahead[i + stride] = self._pool.submit(self._read, i + stride)
+        return future.result()
+
+    def _read(self, i: int) -> dict[str, Any]:
         if self._trace is None:
             self._trace = Trace(self.path, self.storage_options)
         start, stop = self.ranges[i]
@@ -299,7 +323,7 @@ class Explainer(pl.LightningModule):
             out["gamma"][:, start:stop] = gamma
             if not self.norms:
                 continue
-            norms = torch.stack([Fx.contribution_norms(module, q.x, deltas) for q in self._queries[name]])
+            norms = Fx.contribution_norms(module, [q.x for q in self._queries[name]], deltas)
             out["norm"][:, start:stop] = norms
             out["cos"][:, start:stop] = Fx.cosines(gamma, self._z_norm[name], norms)
 

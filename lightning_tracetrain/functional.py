@@ -9,18 +9,28 @@ slow references.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
 
 
-def weight_deltas(after: Sequence[Tensor], before: Sequence[Tensor]) -> list[Tensor]:
+def weight_deltas(
+    after: Sequence[Tensor], before: Sequence[Tensor], out: Sequence[Tensor] | None = None
+) -> list[Tensor]:
     """``D_t = W_after - W_before`` for each parameter, in float32.
 
     ``before`` holds float32 copies; parameters of lower precision are promoted
     first, so the difference of two bf16/fp16 weights is represented exactly.
+    With ``out`` (float32 tensors of the parameters' shapes, e.g. views of one
+    flat staging buffer) the deltas are written there without allocating.
     """
-    return list(torch._foreach_sub([a.detach().float() for a in after], list(before)))
+    with torch.no_grad():
+        if out is None:
+            return list(torch._foreach_sub([a.detach().float() for a in after], list(before)))
+        torch._foreach_copy_(list(out), [a.detach() for a in after])
+        torch._foreach_sub_(list(out), list(before))
+        return list(out)
 
 
 def accumulate(initial: Tensor, deltas: Iterable[Tensor]) -> Tensor:
@@ -115,13 +125,100 @@ def step_gammas(deltas: dict[str, Tensor], grads: dict[str, Tensor]) -> Tensor:
     return gamma
 
 
-def contribution_norms(layer: torch.nn.Module, x: Tensor, deltas: dict[str, Tensor]) -> Tensor:
-    """``||H D_t^T + d_t||`` for every step of a chunk: the layer's forward with ``D_t`` as weight."""
+def contribution_norms(
+    layer: torch.nn.Module,
+    xs: Sequence[Tensor],
+    deltas: dict[str, Tensor],
+    budget: int = 2**25,
+) -> Tensor:
+    """``||H_q D_t^T + d_t||`` for every query ``q`` and step ``t`` of a chunk, shape ``(Q, T)``.
 
-    def one(*step: Tensor) -> Tensor:
-        return layer_output(layer, x, dict(zip(deltas, step, strict=True))).pow(2).sum()
+    The layer's forward with ``D_t`` as weight, vmapped over the steps, on all queries at once:
+    query inputs ``xs`` that agree in all but their first dimension (rows, nodes or a batch of one)
+    are concatenated along it, and the squared outputs are summed back per query. ``budget``
+    bounds the output elements held at once (queries are grouped and steps vmapped in chunks),
+    so many queries cost a few large products instead of one small product each.
+    """
+    xs = [x if x.dim() > 1 else x.unsqueeze(0) for x in xs]  # an unbatched vector is one row
+    steps = next(iter(deltas.values())).shape[0]
+    device = next(iter(deltas.values())).device
+    out = torch.zeros(len(xs), steps, device=device)
+    if not xs:
+        return out
+    gram = _gram_norms(layer, xs, deltas, budget)
+    if gram is not None:
+        return gram
+    # a probe step tells how many output elements one query row produces
+    probe = {k: v[0] for k, v in deltas.items()}
+    per_row = [layer_output(layer, x[:1], probe)[0].numel() for x in xs]
+    groups: dict[tuple[Any, ...], list[int]] = {}
+    for q, x in enumerate(xs):
+        groups.setdefault((tuple(x.shape[1:]), x.dtype), []).append(q)
+    for members in groups.values():
+        start = 0
+        while start < len(members):  # queries of one group, as many as fit the budget for one step
+            stop, size = start, 0
+            while stop < len(members) and (stop == start or size + _rows(xs, members[stop], per_row) <= budget):
+                size += _rows(xs, members[stop], per_row)
+                stop += 1
+            part = members[start:stop]
+            x = torch.cat([xs[q] for q in part])
+            seg = torch.repeat_interleave(
+                torch.arange(len(part), device=device), torch.tensor([xs[q].shape[0] for q in part], device=device)
+            )
 
-    return torch.vmap(one)(*deltas.values()).sqrt()
+            def one(*step: Tensor, x: Tensor = x) -> Tensor:
+                z = layer_output(layer, x, dict(zip(deltas, step, strict=True)))
+                return z.pow(2).reshape(z.shape[0], -1).sum(1)  # (rows,)
+
+            sq = torch.vmap(one, chunk_size=max(1, budget // max(1, size)))(*deltas.values())  # (T, rows)
+            per_query = torch.zeros(steps, len(part), device=device, dtype=sq.dtype).index_add_(1, seg, sq)
+            out[torch.tensor(part, device=device)] = per_query.T.to(out.dtype)
+            start = stop
+    return out.sqrt()
+
+
+def _input_rows(layer: torch.nn.Module, x: Tensor) -> Tensor | None:
+    """``H``: the rows a plain Linear or Conv2d multiplies by its weight (unfolded patches), else None."""
+    if type(layer) is torch.nn.Linear:
+        return x.reshape(-1, x.shape[-1])
+    if type(layer) is torch.nn.Conv2d and layer.groups == 1 and layer.padding_mode == "zeros" and x.dim() == 4:
+        if isinstance(layer.padding, str):
+            return None
+        cols = torch.nn.functional.unfold(x, layer.kernel_size, layer.dilation, layer.padding, layer.stride)
+        return cols.transpose(1, 2).reshape(-1, cols.shape[1])  # (batch * positions, C * kh * kw)
+    return None
+
+
+def _gram_norms(layer: torch.nn.Module, xs: Sequence[Tensor], deltas: dict[str, Tensor], budget: int) -> Tensor | None:
+    """``||H D^T + d||^2 = <D^T D, H^T H> + 2 <D^T d, sum_p h_p> + P ||d||^2``: two matrix products for all
+    steps and queries, when that is cheaper than the layer's forward per step (few input features,
+    many rows: early convolutions). Computed in float64 (the terms may cancel); None when it does not pay."""
+    rows = [_input_rows(layer, x) for x in xs]
+    if any(h is None for h in rows):
+        return None
+    weight = deltas["weight"]
+    steps, n_out = weight.shape[0], weight.shape[1]
+    n_in = rows[0].shape[1]  # type: ignore[union-attr]
+    total_rows = sum(h.shape[0] for h in rows)  # type: ignore[union-attr]
+    gram_cost = n_in * n_in * (n_out + len(xs))
+    if 2 * gram_cost > total_rows * n_out * n_in or n_in * n_in * max(steps, len(xs)) > budget:
+        return None
+    d = weight.reshape(steps, n_out, n_in).double()
+    h = [r.double() for r in rows]  # type: ignore[union-attr]
+    k = torch.stack([r.T @ r for r in h]).reshape(len(xs), -1)  # (Q, in*in)
+    sq = (d.transpose(1, 2) @ d).reshape(steps, -1) @ k.T  # (T, Q)
+    if "bias" in deltas:
+        b = deltas["bias"].double()  # (T, out)
+        sums = torch.stack([r.sum(0) for r in h])  # (Q, in)
+        count = torch.tensor([float(r.shape[0]) for r in h], dtype=torch.float64, device=b.device)
+        sq = sq + 2 * (d.transpose(1, 2) @ b[:, :, None]).squeeze(2) @ sums.T + b.pow(2).sum(1, keepdim=True) * count
+    return sq.clamp_min(0).sqrt().T.float()
+
+
+def _rows(xs: Sequence[Tensor], q: int, per_row: Sequence[int]) -> int:
+    """Output elements of query ``q`` for one step."""
+    return xs[q].shape[0] * per_row[q]
 
 
 def cosines(gamma: Tensor, z_norm: Tensor, contribution: Tensor) -> Tensor:

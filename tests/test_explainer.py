@@ -94,6 +94,43 @@ def test_algorithm_1_splits_each_steps_gamma_over_its_real_examples(tiny):
     torch.testing.assert_close(sum(class_attribution(scores, labels).values())[0], gamma[0].double().sum())
 
 
+@pytest.mark.parametrize("budget", [2**25, 50], ids=["one-product", "tiny-budget"])
+@pytest.mark.parametrize(
+    "layer, xs",
+    [
+        (nn.Conv2d(3, 5, 3, padding=1), [torch.randn(1, 3, 6, 6) for _ in range(5)]),
+        (nn.Linear(6, 4), [torch.randn(n, 6) for n in (3, 1, 7, 2)]),  # graphs: a row per node
+        (nn.Linear(6, 4), [torch.randn(6), torch.randn(2, 6), torch.randn(2, 3, 6)]),  # vector, rows, tokens
+        (nn.Linear(3, 8), [torch.randn(n, 3) for n in (50, 40, 60)]),  # many rows, few features: Gram path
+        (nn.Conv2d(2, 4, 3, stride=2, dilation=2, padding=2, bias=False), [torch.randn(1, 2, 9, 9) for _ in range(4)]),
+        (nn.Conv2d(4, 4, 3, groups=2), [torch.randn(1, 4, 7, 7) for _ in range(3)]),
+    ],
+    ids=["conv", "linear-rows", "linear-mixed-shapes", "linear-many-rows", "conv-strided-no-bias", "conv-groups"],
+)
+def test_contribution_norms_of_many_queries_equal_one_query_at_a_time(layer, xs, budget):
+    """Batched over queries (grouped by shape, chunked by the budget, or by the Gram identity for
+    Linear/Conv2d with few input features) == ||H_q D_t^T + d_t|| query by query."""
+    torch.manual_seed(1)
+    deltas = {p: torch.randn(6, *getattr(layer, p).shape) for p in ("weight", "bias") if getattr(layer, p) is not None}
+    norms = Fx.contribution_norms(layer, xs, deltas, budget=budget)
+    assert norms.shape == (len(xs), 6)
+    for q, x in enumerate(xs):
+        for t in range(6):
+            z = Fx.layer_output(layer, x, {p: d[t] for p, d in deltas.items()})
+            torch.testing.assert_close(norms[q, t], z.norm(), atol=1e-5, rtol=1e-5)
+
+
+def test_the_gram_identity_is_used_only_where_it_pays():
+    """Early convolutions (few input features, many positions) take the Gram path; a one-row Linear does not."""
+    torch.manual_seed(0)
+    conv, fc = nn.Conv2d(3, 5, 3, padding=1), nn.Linear(64, 10)
+    deltas = {"weight": torch.randn(6, 5, 3, 3, 3), "bias": torch.randn(6, 5)}
+    assert Fx._gram_norms(conv, [torch.randn(1, 3, 6, 6)] * 5, deltas, 2**25) is not None
+    assert Fx._gram_norms(conv, [torch.randn(1, 3, 6, 6)] * 5, deltas, 50) is None  # over the memory budget
+    fc_deltas = {"weight": torch.randn(6, 10, 64), "bias": torch.randn(6, 10)}
+    assert Fx._gram_norms(fc, [torch.randn(1, 64)] * 5, fc_deltas, 2**25) is None
+
+
 def test_graph_layers_are_explained_exactly(tmp_path):
     from torch_geometric.loader import DataLoader as GraphLoader
 
@@ -142,6 +179,23 @@ def test_delta_chunks_give_every_device_work_and_cover_each_step_once():
     assert len(DeltaChunks("unused", [], 120, 57, 1).ranges) == 3  # one item per stored chunk by default
     with pytest.raises(ValueError, match="fewer than the 4 devices"):
         DeltaChunks("unused", [], 3, 57, 4)
+
+
+def test_delta_chunks_read_ahead_returns_the_asked_chunk_in_any_order(tiny):
+    """Reading ahead (stride 1, a DDP stride, or an unforeseen order) never returns another chunk's data."""
+    from lightning_tracetrain.explainer import DeltaChunks
+
+    _, trace, _ = tiny
+    chunks = DeltaChunks(str(trace.path), trace.layers, trace.num_steps, trace.spec.chunk_steps)
+    assert len(chunks) >= 3
+    for order in ([*range(len(chunks))], [*range(0, len(chunks), 2)], [2, 0, 1, 1, len(chunks) - 1, 0]):
+        for i in order:
+            item = chunks[i]
+            start, stop = chunks.ranges[i]
+            assert (item["start"], item["stop"]) == (start, stop)
+            for lay in trace.layers:
+                for p, d in trace.deltas(lay, start, stop).items():
+                    assert torch.equal(item["deltas"][lay][p], d)
 
 
 @pytest.mark.gpu
