@@ -47,17 +47,15 @@ class _Timer(pl.Callback):
 
     def __init__(self, device_type: str) -> None:
         self.cuda = device_type == "cuda"
+        self.fit_start = 0.0  # set by the caller right before trainer.fit
 
     def _now(self) -> float:
         if self.cuda:
             torch.cuda.synchronize()
         return time.perf_counter()
 
-    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.fit_start = self._now()
-
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.setup_s = self._now() - self.fit_start  # includes the trace's creation (callbacks before this one)
+        self.setup_s = self._now() - self.fit_start  # since trainer.fit was called: includes the trace's creation
         self.start = self._now()
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -124,6 +122,7 @@ def _run(args: argparse.Namespace, steps: int, trace_dir: str | None) -> dict[st
         limit_val_batches=0,
         callbacks=callbacks,
     )
+    timer.fit_start = timer._now()  # not in on_fit_start: this callback's hooks run after the TraceCallback's
     if isinstance(data, DataLoader):
         trainer.fit(model, data)
     else:

@@ -148,18 +148,17 @@ def contribution_norms(
     gram = _gram_norms(layer, xs, deltas, budget)
     if gram is not None:
         return gram
-    # a probe step tells how many output elements one query row produces
-    probe = {k: v[0] for k, v in deltas.items()}
-    per_row = [layer_output(layer, x[:1], probe)[0].numel() for x in xs]
     groups: dict[tuple[Any, ...], list[int]] = {}
     for q, x in enumerate(xs):
         groups.setdefault((tuple(x.shape[1:]), x.dtype), []).append(q)
+    probe = {k: v[0] for k, v in deltas.items()}
     for members in groups.values():
+        per_row = layer_output(layer, xs[members[0]][:1], probe)[0].numel()  # output elements of one input row
         start = 0
         while start < len(members):  # queries of one group, as many as fit the budget for one step
             stop, size = start, 0
-            while stop < len(members) and (stop == start or size + _rows(xs, members[stop], per_row) <= budget):
-                size += _rows(xs, members[stop], per_row)
+            while stop < len(members) and (stop == start or size + xs[members[stop]].shape[0] * per_row <= budget):
+                size += xs[members[stop]].shape[0] * per_row
                 stop += 1
             part = members[start:stop]
             x = torch.cat([xs[q] for q in part])
@@ -214,11 +213,6 @@ def _gram_norms(layer: torch.nn.Module, xs: Sequence[Tensor], deltas: dict[str, 
         count = torch.tensor([float(r.shape[0]) for r in h], dtype=torch.float64, device=b.device)
         sq = sq + 2 * (d.transpose(1, 2) @ b[:, :, None]).squeeze(2) @ sums.T + b.pow(2).sum(1, keepdim=True) * count
     return sq.clamp_min(0).sqrt().T.float()
-
-
-def _rows(xs: Sequence[Tensor], q: int, per_row: Sequence[int]) -> int:
-    """Output elements of query ``q`` for one step."""
-    return xs[q].shape[0] * per_row[q]
 
 
 def cosines(gamma: Tensor, z_norm: Tensor, contribution: Tensor) -> Tensor:
