@@ -9,6 +9,8 @@ one-off creation of the trace is reported separately). Workloads:
   of 32 plus 10 ghosts, ghost batch norm: what ``make demo`` trains);
 - ``digits-plain``: the same CNN with its defaults on ordinary shuffled batches of 32 (plain
   batch norm): a step 3x cheaper, so the same recording cost weighs 3x more;
+- ``digits-factored``: configs/digits_factored.yaml (shuffled batches of 32, plain SGD), for
+  ``--storage factored``;
 - ``vgg16``: the paper's VGG-16 for CIFAR-10 on synthetic tensors of CIFAR's shape;
 - ``gin``: the paper's 5-layer ppa GIN on synthetic graphs of ogbg-ppa's size.
 
@@ -36,10 +38,10 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 from lightning_tracetrain import IndexedDataset, Trace, TraceCallback
 from lightning_tracetrain.batch import loader_class
 from lightning_tracetrain.data import DigitsDataModule
-from lightning_tracetrain.evaluate import digits_workload
+from lightning_tracetrain.evaluate import digits_factored_workload, digits_workload
 from lightning_tracetrain.models import VGG16, DigitsCNN, PpaGIN
 
-WORKLOADS = ("digits", "digits-plain", "vgg16", "gin")
+WORKLOADS = ("digits", "digits-plain", "digits-factored", "vgg16", "gin")
 
 
 class _Timer(pl.Callback):
@@ -88,6 +90,8 @@ def workload(name: str, batch_size: int | None) -> tuple[pl.LightningModule, Any
         return digits_workload()
     if name == "digits-plain":
         return DigitsCNN(), DigitsDataModule(batch_size=batch_size or 32)
+    if name == "digits-factored":
+        return digits_factored_workload()
     g = torch.Generator().manual_seed(0)
     dataset: Dataset
     if name == "vgg16":
@@ -143,10 +147,11 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=400)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--batch-size", type=int, default=None, help="digits: configs/digits.yaml's; vgg16 128; gin 32")
-    parser.add_argument("--storage", default="lossless", choices=("lossless", "compact"))
+    parser.add_argument("--storage", default="lossless", choices=("lossless", "compact", "factored"))
     parser.add_argument("--out", type=Path, default=None, help="default benchmarks/results/overhead_WORKLOAD_ACC.json")
     args = parser.parse_args()
-    out = args.out or Path(f"benchmarks/results/overhead_{args.workload}_{args.accelerator}.json")
+    suffix = "" if args.storage == "lossless" else f"_{args.storage}"
+    out = args.out or Path(f"benchmarks/results/overhead_{args.workload}{suffix}_{args.accelerator}.json")
     torch.set_num_threads(max(1, os.cpu_count() or 1))
 
     with tempfile.TemporaryDirectory() as tmp:

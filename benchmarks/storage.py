@@ -22,8 +22,7 @@ from pathlib import Path
 import lightning.pytorch as pl
 import torch
 
-from lightning_tracetrain import Trace, TraceCallback
-from lightning_tracetrain.evaluate import digits_workload
+from lightning_tracetrain.evaluate import digits_workload, single_batches, storage_ratios, trace_modes
 from lightning_tracetrain.explainer import Explainer, example_attribution
 
 
@@ -45,20 +44,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         pl.seed_everything(0, verbose=False)
         model, datamodule = digits_workload()
-        modes = {"lossless": {}, "compact": {"keepbits": args.keepbits}}
-        callbacks = [TraceCallback(f"{tmp}/{mode}", storage=mode, **kw) for mode, kw in modes.items()]
-        pl.Trainer(
-            max_epochs=args.epochs, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
-            enable_progress_bar=False, enable_model_summary=False, use_distributed_sampler=False, callbacks=callbacks,
-        ).fit(model, datamodule)  # fmt: skip
-        traces = {mode: Trace(f"{tmp}/{mode}") for mode in modes}
-        storage = {}
-        for mode, trace in traces.items():
-            nbytes = trace.nbytes()
-            storage[mode] = {"stored_over_float32": nbytes["stored"] / nbytes["raw"], **nbytes}
-        test = datamodule.test_dataset
-        collate = datamodule.test_dataloader().collate_fn
-        queries = [collate([test[i]]) for i in range(args.queries)]
+        traces = trace_modes(
+            model, datamodule, Path(tmp), {"lossless": {}, "compact": {"keepbits": args.keepbits}}, args.epochs
+        )
+        storage = storage_ratios(traces)
+        queries = single_batches(datamodule.test_dataset, range(args.queries))
         results = {}
         for mode, trace in traces.items():
             explainer = Explainer(model.eval(), trace, norms=False)

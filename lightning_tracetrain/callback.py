@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import warnings
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,8 @@ from torch import Tensor
 from typing_extensions import override
 
 from lightning_tracetrain.batch import batch_ghost, batch_index, batch_labels
+from lightning_tracetrain.factors import FactorRecorder, check_plain_sgd, check_step, param_group, step_factors
+from lightning_tracetrain.functional import weight_deltas
 from lightning_tracetrain.layers import layer_parameters, select_layers
 from lightning_tracetrain.trace.schema import ClassSpec, LayerSpec, TraceSpec
 from lightning_tracetrain.trace.writer import (
@@ -28,6 +31,8 @@ from lightning_tracetrain.trace.writer import (
     make_compressor,
     open_for_writing,
 )
+
+log = logging.getLogger(__name__)
 
 _CHUNK_BYTES = 32 * 2**20  # steps are buffered until a chunk of about this many raw bytes is full
 
@@ -55,6 +60,12 @@ class TraceCallback(Callback):
             ``keepbits`` mantissa bits (BitRound) before shuffle and compression, with error feedback: the
             rounding error of a step is added to the next step's delta, so ``initial + sum of deltas`` stays
             within one step's rounding of the true weights at every step (exact sums are not kept).
+            ``"factored"`` (plain SGD only: no momentum, weight decay, clipping or mixed precision, one
+            process): every ``torch.nn.Linear`` layer with one input row per example whose factors are
+            smaller (``rows * (in + out) < in * out`` at the first step) is stored as per-example factors
+            (its input rows and ``-lr`` times its output gradients), which the explainer splits over each
+            step's examples exactly; other layers as lossless deltas. The first step of every run is
+            checked against the actual weight change; runs whose steps do not factor are refused.
         keepbits: Mantissa bits kept by ``storage="compact"`` (float32 has 23; default 4).
         chunk_steps: Steps per stored chunk; by default about 32 MiB of deltas (at most 256 steps).
         overwrite: Replace a trace already at ``dirpath`` instead of failing.
@@ -97,10 +108,7 @@ class TraceCallback(Callback):
         self.dirpath = str(dirpath)
         self.layers = layers
         if storage not in STORAGE_MODES:
-            raise ValueError(
-                f"Unknown storage {storage!r}: use one of {', '.join(map(repr, STORAGE_MODES))} (the 'factored' mode "
-                "for Linear layers under plain SGD is not available yet)."
-            )
+            raise ValueError(f"Unknown storage {storage!r}: use one of {', '.join(map(repr, STORAGE_MODES))}.")
         if not 0 <= keepbits <= 23:
             raise ValueError(f"keepbits must be between 0 and 23 (float32 mantissa bits), got {keepbits}.")
         make_compressor(compressor, storage)  # an unknown name fails here, not when training starts
@@ -120,6 +128,10 @@ class TraceCallback(Callback):
         self._stager: DeltaStager | None = None
         self._params: list[Tensor] = []
         self._prev: list[Tensor] = []
+        self._names: list[tuple[str, str]] = []  # (layer, parameter) of each entry of _params
+        self._recorder: FactorRecorder | None = None  # storage="factored": captures per-example factors
+        self._factor_lr: dict[str, dict[str, Any]] = {}  # the parameter group of each candidate's weight
+        self._checked = False  # the factors were checked against the first step of this fit
         self._hooks: list[Any] = []
         self._next_step: int | None = None  # global step of the next record
         self._batch_idx = -1
@@ -146,6 +158,7 @@ class TraceCallback(Callback):
         layers = select_layers(pl_module, self.layers)
         named = [(name, p, t) for name, m in layers.items() for p, t in layer_parameters(m).items()]
         self._params = [t for _, _, t in named]
+        self._names = [(name, p) for name, p, _ in named]
         spec = TraceSpec(
             layers=tuple(
                 LayerSpec(name, _class_path(m), {p: tuple(t.shape) for p, t in layer_parameters(m).items()})
@@ -184,6 +197,8 @@ class TraceCallback(Callback):
                 path=self.dirpath,
             )
             self._stager = DeltaStager([t.shape for t in self._params], pl_module.device, self.max_pending_steps + 2)
+            if self.storage == "factored":
+                self._start_factors(trainer, layers)
         self._hooks = [opt.register_step_post_hook(self._after_optimizer_step) for opt in trainer.optimizers]
 
     @override
@@ -247,10 +262,11 @@ class TraceCallback(Callback):
         step = trainer.global_step  # Lightning counts the step only after optimizer.step() returns
         self._record_skipped(step)
         if self._writer is not None and self._stager is not None:
+            factors = self._take_factors() if self._recorder is not None else None
             staged = self._stager.stage(self._params, self._prev)
             with torch.no_grad():
                 torch._foreach_copy_(self._prev, self._params)
-            self._writer.put(self._record(trainer, step, staged))
+            self._writer.put(self._record(trainer, step, staged, factors))
         self._next_step = step + 1
 
     def _record_skipped(self, global_step: int) -> None:
@@ -262,7 +278,99 @@ class TraceCallback(Callback):
                 self._writer.put(self._record(self._trainer, self._next_step, None))
             self._next_step += 1
 
-    def _record(self, trainer: pl.Trainer, step: int, staged: Any) -> StepRecord:
+    # ------------------------------------------------------------------ storage="factored"
+
+    def _start_factors(self, trainer: pl.Trainer, layers: dict[str, torch.nn.Module]) -> None:
+        """Capture the factors of every traced Linear layer that an optimizer updates (checked to be plain SGD)."""
+        assert self._writer is not None
+        decided = self._writer.factored
+        candidates = {
+            name: m
+            for name, m in layers.items()
+            if isinstance(m, torch.nn.Linear)
+            and param_group(trainer, m.weight) is not None
+            and (decided is None or name in decided)
+        }
+        check_plain_sgd(trainer, candidates)
+        if not candidates:
+            warnings.warn(
+                "TraceCallback(storage='factored') found no traced torch.nn.Linear layer updated by an optimizer; "
+                "every layer is stored as lossless deltas.",
+                stacklevel=2,
+            )
+        self._factor_lr = {name: param_group(trainer, m.weight)[1] for name, m in candidates.items()}  # type: ignore[index]
+        self._recorder = FactorRecorder(candidates)
+        self._checked = False
+
+    def _step_rows(self) -> int:
+        """Example rows of the step being recorded (all batches of its accumulation window)."""
+        if self._pending:
+            return sum(len(p[0]) for p in self._pending)
+        return len(self._last_examples[0]) if self._last_examples is not None else 0
+
+    def _take_factors(self) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """This step's factors of the factored layers; on the first step, choose those layers and check them."""
+        assert self._recorder is not None and self._writer is not None
+        rows = self._step_rows()
+        got = {
+            name: step_factors(self._recorder.take(name), float(group["lr"]), rows)
+            for name, group in self._factor_lr.items()
+        }
+        if self._writer.factored is None:  # a new trace: factor the layers where that is exact and smaller
+            chosen = []
+            for name, f in got.items():
+                out_f, in_f = self._factor_shape(name)
+                if isinstance(f, str):
+                    log.info("TraceCallback: %s is stored as dense deltas: %s.", name, f)
+                elif rows * (in_f + out_f) >= in_f * out_f:
+                    log.info(
+                        "TraceCallback: %s is stored as dense deltas: its factors, %d rows x (%d + %d) values per "
+                        "step, would be larger than %d x %d.", name, rows, in_f, out_f, out_f, in_f,
+                    )  # fmt: skip
+                else:
+                    chosen.append(name)
+            self._writer.set_factored(chosen)
+        factored = self._writer.factored or ()
+        out = {}
+        for name in factored:
+            f = got[name]
+            if isinstance(f, str):
+                raise RuntimeError(
+                    f"TraceCallback(storage='factored') cannot record step {self._next_step} of {name}: {f}. "
+                    "Its earlier steps are committed; trace this model with storage='lossless'."
+                )
+            out[name] = f
+        if not self._checked:
+            self._check_and_narrow(out)
+        return {name: (a.cpu().numpy(), g.cpu().numpy()) for name, (a, g) in out.items()}
+
+    def _factor_shape(self, name: str) -> tuple[int, int]:
+        i = self._names.index((name, "weight"))
+        return tuple(self._params[i].shape)  # type: ignore[return-value]
+
+    def _check_and_narrow(self, factors: dict[str, tuple[Tensor, Tensor]]) -> None:
+        """Check the first step's factors against the actual change, then stop staging the factored weights."""
+        actual = dict(zip(self._names, weight_deltas(self._params, self._prev), strict=True))
+        for name, (a, g) in factors.items():
+            check_step(name, a, g, actual[(name, "weight")], actual.get((name, "bias")))
+        keep = [i for i, (layer, p) in enumerate(self._names) if not (p == "weight" and layer in factors)]
+        self._names = [self._names[i] for i in keep]
+        self._params = [self._params[i] for i in keep]
+        self._prev = [self._prev[i] for i in keep]
+        assert self._trainer is not None and self._recorder is not None
+        device = self._trainer.lightning_module.device
+        self._stager = DeltaStager([t.shape for t in self._params], device, self.max_pending_steps + 2)
+        self._recorder.keep_only(set(factors))
+        self._factor_lr = {name: self._factor_lr[name] for name in factors}
+        self._checked = True
+
+    def _record(
+        self,
+        trainer: pl.Trainer,
+        step: int,
+        staged: Any,
+        factors: dict[str, tuple[np.ndarray, np.ndarray]] | None = None,
+    ) -> StepRecord:
         if len(self._pending) == 1:  # the usual case: one batch, one step
             self._last_examples, self._pending = self._pending[0], []
         elif self._pending:  # gradient accumulation: the step was produced by several batches
@@ -282,6 +390,7 @@ class TraceCallback(Callback):
             ghost=ghost,
             label=label,
             deltas=staged,
+            factors=factors,
         )
 
     def _check_continuity(self, global_step: int) -> None:
@@ -299,6 +408,8 @@ class TraceCallback(Callback):
         for hook in self._hooks:
             hook.remove()
         self._hooks = []
+        if self._recorder is not None:
+            self._recorder.remove()
         writer, self._writer = self._writer, None
         try:
             if writer is not None:

@@ -36,13 +36,18 @@ def main(argv: list[str] | None = None) -> Trace:
 
     out = Path(trainer.default_root_dir) / "explanations"
     doc = explain(ckpt, trace_dir, queries=args.queries, out=out)
+    # the layer to show: one whose examples get their exact shares (storage="factored"), else the last one
+    shown = next((n for n in trace.layers if trace.spec.is_factored(n)), trace.layers[-1])
     for q in doc["queries"]:
-        last = q["layers"][trace.layers[-1]]
-        top = ", ".join(f"#{e['example']} (class {e['label']})" for e in last["top_examples"][:3])
+        layer = q["layers"][shown]
+        top = ", ".join(f"#{e['example']} (class {e['label']})" for e in layer["top_examples"][:3])
         print(
-            f"query {q['query']}: label {q['label']}, predicted {q['predicted']}; {trace.layers[-1]} learned it "
-            f"mostly from {top}; class shares {_shares(last['class_scores'])}"
+            f"query {q['query']}: label {q['label']}, predicted {q['predicted']}; {shown} learned it "
+            f"mostly from {top}; class shares {_shares(layer['class_scores'])} ({layer['example_shares']})"
         )
+    if not (trace.steps.label >= 0).any():
+        print(f"\nmixed batches: no step belongs to one class, so no class specificity; report: {out / 'report.html'}")
+        return trace
     specificity = class_specificity(ckpt, trace_dir)
     shares = ", ".join(f"{name} {s['mean']:.0%}" for name, s in specificity["layers"].items())
     print(

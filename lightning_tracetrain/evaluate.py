@@ -51,14 +51,14 @@ Log = Callable[[str], None]
 # ---------------------------------------------------------------------- metrics (plain functions)
 
 
-def identical_class(scores: Tensor, train_labels: Tensor, predicted: Tensor) -> float:
-    """Share of queries whose highest-scoring training example has the predicted class.
+def identical_class(scores: Tensor, train_labels: Tensor, predicted: Tensor, k: int = 1) -> float:
+    """Share of the ``k`` highest-scoring training examples that have the query's predicted class (mean over queries).
 
     ``scores`` is ``(Q, n)``; examples with label -1 (never trained on) are ignored.
     """
     scores = scores.double().masked_fill(train_labels[None, :] < 0, -torch.inf)
-    top1 = scores.argmax(1)
-    return float((train_labels[top1] == predicted).double().mean())
+    top = scores.topk(k, dim=1).indices
+    return float((train_labels[top] == predicted[:, None]).double().mean())
 
 
 def detection_rate(self_influence: Tensor, flipped: Tensor, fraction: float) -> float:
@@ -75,6 +75,32 @@ def digits_workload(seed: int = 0, label_noise: float = 0.0) -> tuple[DigitsCNN,
     """The model and datamodule of configs/digits.yaml (single-class batches with ghosts, ghost batch norm)."""
     datamodule = DigitsDataModule(batch_size=32, single_class=True, ghost_size=10, seed=seed, label_noise=label_noise)
     return DigitsCNN(lr=0.05, momentum=0.9, ghost_batch_norm=True, schedule="cosine"), datamodule
+
+
+def digits_factored_workload(seed: int = 0) -> tuple[DigitsCNN, DigitsDataModule]:
+    """The model and datamodule of configs/digits_factored.yaml (shuffled batches of 32, plain SGD)."""
+    return DigitsCNN(lr=0.1, momentum=0.0, schedule="constant"), DigitsDataModule(batch_size=32, seed=seed)
+
+
+def trace_modes(
+    model: pl.LightningModule, datamodule: pl.LightningDataModule, folder: Path, modes: dict[str, dict], epochs: int
+) -> dict[str, Trace]:
+    """One run traced once per storage mode at the same time, so all traces hold the same steps.
+
+    ``modes`` maps a storage mode to further TraceCallback arguments (``{"compact": {"keepbits": 4}}``).
+    """
+    callbacks = [TraceCallback(folder / mode, storage=mode, **kwargs) for mode, kwargs in modes.items()]
+    _trainer(epochs, callbacks=callbacks).fit(model, datamodule)
+    return {mode: Trace(folder / mode) for mode in modes}
+
+
+def storage_ratios(traces: dict[str, Trace]) -> dict[str, dict[str, float]]:
+    """Per trace: stored and float32 bytes of its deltas, and their ratio."""
+    out = {}
+    for mode, trace in traces.items():
+        nbytes = trace.nbytes()
+        out[mode] = {"stored_over_float32": nbytes["stored"] / nbytes["raw"], **nbytes}
+    return out
 
 
 def train_digits(
@@ -95,7 +121,7 @@ def _trainer(epochs: int, **kwargs: Any) -> pl.Trainer:
     )  # fmt: skip
 
 
-def _singles(dataset: Any, ids: Sequence[int]) -> list[dict[str, Tensor]]:
+def single_batches(dataset: Any, ids: Sequence[int]) -> list[dict[str, Tensor]]:
     """Each example as a batch of one (the Explainer's queries)."""
     loader = DataLoader(dataset)
     return [loader.collate_fn([dataset[i]]) for i in ids]
@@ -134,7 +160,7 @@ def identical_class_test(
     result: dict[str, float] = {}
     log(f"  ours: one pass over {trace.num_steps} steps for {len(queries)} test inputs")
     train_batches, test_batches = _batches(train), _batches(test, queries)
-    ours, predicted, labels = _our_scores(model, trace, _singles(test, queries), norms=True)
+    ours, predicted, labels = _our_scores(model, trace, single_batches(test, queries), norms=True)
     for layer, by_score in ours.items():
         for score, s in by_score.items():
             result[f"ours {layer} ({score})"] = identical_class(s, labels, predicted)
@@ -161,7 +187,7 @@ def mislabel_detection(
     ranking: dict[str, Tensor] = {}
     log(f"  ours: self-influence of {n} training examples (each its own query)")
     train_batches = _batches(train)
-    ours, _, _ = _our_scores(model, trace, _singles(train, range(n)), norms=True)
+    ours, _, _ = _our_scores(model, trace, single_batches(train, range(n)), norms=True)
     diagonal = torch.arange(n)
     for layer, by_score in ours.items():
         for score, s in by_score.items():

@@ -196,11 +196,18 @@ def _layer(
     trace: Trace, stop: int, a: LayerAttribution, qi: int, name: str, score: str, top_k: int, privacy: bool
 ) -> tuple[dict[str, Any], list[tuple[str, list[dict[str, Any]]]]]:
     step_scores = (a.gamma if score == "gamma" else a.cos)[qi : qi + 1]
-    per_example, labels = example_attribution(trace, step_scores, stop, split=score == "gamma")
+    rows = None if a.rows is None else a.rows[qi : qi + 1]  # a factored layer: each example's exact share
+    per_example, labels = example_attribution(
+        trace, step_scores, stop, split=score == "gamma", rows=rows if score == "gamma" else None
+    )
     # class scores are always shares of gamma (they add up to ||Z||^2 with init_score)
-    gamma_examples = per_example if score == "gamma" else example_attribution(trace, a.gamma[qi : qi + 1], stop)[0]
+    gamma_examples = (
+        per_example if score == "gamma" else example_attribution(trace, a.gamma[qi : qi + 1], stop, rows=rows)[0]
+    )
     classes = class_attribution(gamma_examples, labels)
     doc: dict[str, Any] = {
+        # exact: every example's own share of gamma (factored layer); else a step's gamma split equally
+        "example_shares": "exact" if rows is not None else "equal split of each step",
         "class_scores": dict(sorted(((str(c), float(v[0])) for c, v in classes.items()), key=lambda kv: -kv[1])),
         "init_score": float(a.init[qi]),
         "norm_sq": float(a.z_sq[qi]),

@@ -91,10 +91,12 @@ class DeltaChunks(Dataset):
         if self._trace is None:
             self._trace = Trace(self.path, self.storage_options)
         start, stop = self.ranges[i]
+        chunks = {lay: self._trace.read_chunk(lay, start, stop) for lay in self.layers}
         return {
             "start": start,
             "stop": stop,
-            "deltas": {lay: self._trace.deltas(lay, start, stop) for lay in self.layers},
+            "deltas": {lay: deltas for lay, (deltas, _) in chunks.items()},
+            "factors": {lay: rows for lay, (_, rows) in chunks.items() if rows is not None},
         }
 
 
@@ -107,6 +109,9 @@ class LayerAttribution:
     norm: Tensor  # (Q, steps): ||H D_t^T + d_t||
     init: Tensor  # (Q,): gamma_0, the initialization's share
     z_sq: Tensor  # (Q,): ||Z||^2
+    # factored layers (storage="factored"): each training example row's exact share of gamma, (Q, example rows);
+    # the rows of step t (Trace.steps.example_start/stop) sum to gamma[:, t]
+    rows: Tensor | None = None
 
     @property
     def residual(self) -> Tensor:
@@ -257,6 +262,10 @@ class Explainer(pl.LightningModule):
         self._out = {
             name: {k: torch.zeros(q, t, device=device) for k in ("gamma", "cos", "norm")} for name in self.layer_names
         }
+        rows = int(self.trace.steps.example_stop[t - 1]) if t else 0
+        for name in self.layer_names:
+            if self.trace.spec.is_factored(name):
+                self._out[name]["rows"] = torch.zeros(q, rows, device=device)
         self._covered = torch.zeros(t, device=device)  # how often each step was computed (1 after the pass)
 
     def _to(self, device: torch.device) -> None:
@@ -321,6 +330,15 @@ class Explainer(pl.LightningModule):
             gamma = Fx.step_gammas(deltas, self._grads[name]).T  # (Q, T)
             out = self._out[name]
             out["gamma"][:, start:stop] = gamma
+            if name in batch["factors"]:
+                f = batch["factors"][name]
+                queries = self._queries[name]
+                device = queries[0].z.device
+                shares = Fx.row_gammas(
+                    f.inputs.to(device), f.outputs.to(device), [q.x for q in queries], [q.z for q in queries],
+                    bias="bias" in self._grads[name],
+                )  # fmt: skip
+                out["rows"][:, f.row_start : f.row_start + shares.shape[1]] = shares
             if not self.norms:
                 continue
             norms = Fx.contribution_norms(module, [q.x for q in self._queries[name]], deltas)
@@ -365,7 +383,10 @@ class Explainer(pl.LightningModule):
             init = torch.stack([(q.z * Fx.layer_output(module, q.x, params)).sum() for q in self._queries[name]])
             z_sq = torch.stack([q.z.pow(2).sum() for q in self._queries[name]])
             o = self._out[name]
-            out[name] = LayerAttribution(o["gamma"].cpu(), o["cos"].cpu(), o["norm"].cpu(), init.cpu(), z_sq.cpu())
+            rows = o["rows"].cpu() if "rows" in o else None
+            out[name] = LayerAttribution(
+                o["gamma"].cpu(), o["cos"].cpu(), o["norm"].cpu(), init.cpu(), z_sq.cpu(), rows
+            )
         return out
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
@@ -414,30 +435,39 @@ def steps_until(trace: Trace, global_step: int) -> int:
 # ---------------------------------------------------------------------- aggregation
 
 
-def example_attribution(trace: Trace, step_scores: Tensor, stop: int, split: bool = True) -> tuple[Tensor, Tensor]:
+def example_attribution(
+    trace: Trace, step_scores: Tensor, stop: int, split: bool = True, rows: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
     """Algorithm 1 over the trace's real rows: ``(Q, num_examples)`` scores and each example's label.
 
     With ``split`` a step's score is divided equally over its real examples (gamma);
     without, every example of the step gets the whole score (the cosine ranking).
+    With ``rows`` (:attr:`LayerAttribution.rows` of a factored layer) every example row
+    gets its exact share of gamma instead, ghost rows included, so the scores of a step's
+    examples add up to its gamma even in a mixed batch.
     """
     steps, ex = trace.steps, trace.examples
     rows_per_step = steps.example_stop[:stop] - steps.example_start[:stop]
     row_step = np.repeat(np.arange(stop), rows_per_step)
     n_rows = int(steps.example_stop[stop - 1])
-    real = ~ex.ghost[:n_rows]
-    n_real = np.bincount(row_step[real], minlength=stop).astype(np.float64)
-    weight = 1.0 / np.maximum(n_real[row_step[real]], 1) if split else np.ones(int(real.sum()))
-    index = ex.index[:n_rows][real]
+    if rows is not None:
+        keep = np.ones(n_rows, dtype=bool)
+        step_scores, row_step, weight = rows[:, :n_rows], np.arange(n_rows), np.ones(n_rows)
+    else:
+        keep = ~ex.ghost[:n_rows]
+        n_real = np.bincount(row_step[keep], minlength=stop).astype(np.float64)
+        weight = 1.0 / np.maximum(n_real[row_step[keep]], 1) if split else np.ones(int(keep.sum()))
+    index = ex.index[:n_rows][keep]
     num = int(index.max()) + 1 if len(index) else 0
     scores = Fx.example_scores(
         step_scores.double(),
-        torch.from_numpy(row_step[real]),
+        torch.from_numpy(row_step[keep]),
         torch.from_numpy(index),
         torch.from_numpy(weight),
         num,
     )
     labels = np.full(num, -1, dtype=np.int64)
-    label = ex.label[:n_rows][real]
+    label = ex.label[:n_rows][keep]
     if label.ndim == 1:
         labels[index] = label
     return scores, torch.from_numpy(labels)

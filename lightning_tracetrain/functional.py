@@ -215,6 +215,69 @@ def _gram_norms(layer: torch.nn.Module, xs: Sequence[Tensor], deltas: dict[str, 
     return sq.clamp_min(0).sqrt().T.float()
 
 
+# --------------------------------------------------------------------------- per-example factors (plain SGD)
+
+
+def factored_deltas(inputs: Tensor, outputs: Tensor, counts: Sequence[int]) -> Tensor:
+    """``D_t = sum_r outputs_r inputs_r^T`` over each step's rows: ``(T, out, in)`` from ``(R, in)``, ``(R, out)``.
+
+    Under plain SGD a Linear layer's step is exactly this with ``outputs = -lr * dL/dZ`` and
+    ``inputs`` the layer's input rows (DESIGN.md section 2); ``counts[t]`` rows belong to step ``t``.
+    """
+    counts = [int(c) for c in counts]
+    if sum(counts) != inputs.shape[0] or inputs.shape[0] != outputs.shape[0]:
+        raise ValueError(f"{inputs.shape[0]} input and {outputs.shape[0]} output rows for steps of {sum(counts)} rows.")
+    width = max(counts, default=0)
+    a = inputs.new_zeros(len(counts), width, inputs.shape[1])
+    g = outputs.new_zeros(len(counts), width, outputs.shape[1])
+    step = torch.repeat_interleave(torch.arange(len(counts)), torch.tensor(counts, dtype=torch.long))
+    start = torch.tensor([0, *counts[:-1]], dtype=torch.long).cumsum(0)
+    slot = torch.arange(inputs.shape[0]) - start[step]
+    a[step, slot], g[step, slot] = inputs, outputs
+    return torch.bmm(g.transpose(1, 2), a)
+
+
+def row_gammas(
+    inputs: Tensor,
+    outputs: Tensor,
+    query_inputs: Sequence[Tensor],
+    query_outputs: Sequence[Tensor],
+    bias: bool = True,
+    budget: int = 2**25,
+) -> Tensor:
+    """Each example row's exact share of gamma for a factored Linear layer, ``(Q, R)``.
+
+    The share of row ``r`` is ``<G_W, outputs_r inputs_r^T> + <G_b, outputs_r>``. For a Linear layer
+    the query gradient is ``G_W = Z^T H`` and ``G_b = sum_p Z_p`` over the query's rows ``h_p, z_p``
+    (its input and pre-activation), so the share is ``sum_p (outputs_r . z_p) (inputs_r . h_p + 1)``:
+    ``R * (in + out)`` work per query row instead of ``R * in * out``. Summed over a step's rows it
+    is that step's gamma (eq. 6), so a mixed batch is split over its examples exactly. Rows are
+    processed in blocks of at most ``budget`` products.
+    """
+    h = torch.cat([x.reshape(-1, x.shape[-1]) for x in query_inputs]).to(outputs.dtype)
+    z = torch.cat([y.reshape(-1, y.shape[-1]) for y in query_outputs]).to(outputs.dtype)
+    sizes = torch.tensor([x.reshape(-1, x.shape[-1]).shape[0] for x in query_inputs], device=h.device)
+    owner = torch.repeat_interleave(torch.arange(len(query_inputs), device=h.device), sizes)
+    gamma = outputs.new_zeros(len(query_inputs), inputs.shape[0])
+    block = max(1, budget // max(1, h.shape[0]))
+    for first in range(0, inputs.shape[0], block):
+        rows = slice(first, first + block)
+        prod = (outputs[rows] @ z.T) * (inputs[rows] @ h.T + (1.0 if bias else 0.0))  # (rows, query rows)
+        gamma[:, rows] = gamma.new_zeros(len(query_inputs), prod.shape[0]).index_add_(0, owner, prod.T)
+    return gamma
+
+
+def step_sums(row_values: Tensor, counts: Sequence[int] | Tensor) -> Tensor:
+    """Per step, the sum of its rows' values: ``(Q, R)`` and row counts ``(T,)`` give ``(Q, T)``.
+
+    For :func:`row_gammas` this is each step's gamma again (a check of the per-example shares).
+    """
+    counts = torch.as_tensor(counts, dtype=torch.long)
+    step = torch.repeat_interleave(torch.arange(len(counts)), counts).to(row_values.device)
+    out = row_values.new_zeros(row_values.shape[0], len(counts))
+    return out.index_add_(1, step, row_values[:, : len(step)])
+
+
 def cosines(gamma: Tensor, z_norm: Tensor, contribution: Tensor) -> Tensor:
     """``cos_t = gamma_t / (||Z|| ||H D_t^T + d_t||)`` (eq. 7), zero where a step changed nothing."""
     denom = z_norm * contribution

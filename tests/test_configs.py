@@ -40,6 +40,22 @@ def test_digits_config(tmp_path, monkeypatch):
     _assert_exact(doc)
 
 
+def test_digits_factored_config_attributes_mixed_batches_exactly(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    trace, doc = _fit_and_explain("digits_factored", ["--trainer.max_epochs", "1"])
+    assert trace.storage == "factored" and trace.spec.factored == ("net.fc1",)
+    assert not (trace.steps.label >= 0).any()  # ordinary shuffled batches: no step belongs to one class
+    shares = {name: layer["example_shares"] for name, layer in doc["queries"][0]["layers"].items()}
+    assert shares == {n: "exact" if n == "net.fc1" else "equal split of each step" for n in trace.layers}
+    _assert_exact(doc)
+    # benchmarks/ use the same workload without LightningCLI
+    from lightning_tracetrain.evaluate import digits_factored_workload
+
+    model, datamodule = digits_factored_workload()
+    assert trace.module.init_args == {**trace.module.init_args, **dict(model.hparams)}
+    assert trace.datamodule is not None and dict(datamodule.hparams).items() <= trace.datamodule.init_args.items()
+
+
 def test_cifar10_vgg16_config_on_a_stand_in_of_cifar_shape(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     small = ["--data.synthetic", "60", "--data.batch_size", "4", "--data.ghost_size", "10", "--data.num_workers", "0"]

@@ -59,9 +59,11 @@ def _assert_matches_snapshots(trace: Trace, out: Path, steps: list[int]) -> None
                 torch.testing.assert_close(value, _snapshot(out, k)[f"{layer}.{param}"], atol=1e-6, rtol=1e-5)
 
 
-@pytest.mark.parametrize("extra_delay", [0.0, 0.013, 0.029])
-def test_sigkill_leaves_every_committed_step(tmp_path, extra_delay):
-    proc = _start(tmp_path, "--max-steps", "400", "--sleep", "0.01")
+@pytest.mark.parametrize(
+    ("extra_delay", "storage"), [(0.0, "lossless"), (0.013, "lossless"), (0.029, "lossless"), (0.013, "factored")]
+)
+def test_sigkill_leaves_every_committed_step(tmp_path, extra_delay, storage):
+    proc = _start(tmp_path, "--max-steps", "400", "--sleep", "0.01", "--storage", storage)
     _wait(proc, lambda: _committed(tmp_path / "trace") >= 4)
     time.sleep(extra_delay)  # kill at different moments of the write cycle
     proc.send_signal(signal.SIGKILL)
@@ -73,10 +75,13 @@ def test_sigkill_leaves_every_committed_step(tmp_path, extra_delay):
     np.testing.assert_array_equal(trace.steps.global_step, np.arange(k))
     assert len(trace.examples.index) == trace.steps.example_stop[-1] == 8 * k
     _assert_matches_snapshots(trace, tmp_path, [0, 1, k // 2, k])  # initial + deltas == weights after step k
+    if storage == "factored":
+        assert trace.spec.factored == ("fc",) and len(trace.factors("fc").inputs) == 8 * k
 
 
-def test_resume_after_kill_continues_without_gap_or_duplicate(tmp_path):
-    proc = _start(tmp_path, "--max-steps", "400", "--sleep", "0.02")
+@pytest.mark.parametrize("storage", ["lossless", "factored"])
+def test_resume_after_kill_continues_without_gap_or_duplicate(tmp_path, storage):
+    proc = _start(tmp_path, "--max-steps", "400", "--sleep", "0.02", "--storage", storage)
     _wait(proc, lambda: len(list((tmp_path / "ckpt").glob("*.ckpt"))) >= 3)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
@@ -89,7 +94,7 @@ def test_resume_after_kill_continues_without_gap_or_duplicate(tmp_path):
     ckpt_step = int(resume_from.stem.split("=")[1])
     assert killed_at > ckpt_step
 
-    proc = _start(tmp_path, "--max-steps", "30", "--resume", str(resume_from))
+    proc = _start(tmp_path, "--max-steps", "30", "--resume", str(resume_from), "--storage", storage)
     assert proc.wait(timeout=300) == 0, proc.stderr.read().decode()[-3000:]
 
     trace = Trace(tmp_path / "trace")
@@ -101,6 +106,9 @@ def test_resume_after_kill_continues_without_gap_or_duplicate(tmp_path):
             torch.testing.assert_close(value, final[f"{layer}.{param}"], atol=1e-6, rtol=1e-5)
     # steps up to the checkpoint come from the first run, the rest from the resumed one
     _assert_matches_snapshots(trace, tmp_path, [ckpt_step - 1, ckpt_step, ckpt_step + 1, 29])
+    assert trace.spec.factored == (("fc",) if storage == "factored" else None)
+    if storage == "factored":
+        assert trace.factors("fc").counts.tolist() == list(np.diff(trace.steps.example_stop, prepend=0))
 
 
 def _loads(path: Path) -> bool:

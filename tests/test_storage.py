@@ -64,8 +64,8 @@ def test_the_explainer_accepts_a_compact_trace_and_stays_nearly_complete(traces)
 
 
 def test_bad_storage_options_name_the_choices():
-    with pytest.raises(ValueError, match="'lossless', 'compact'"):
-        TraceCallback("unused", storage="factored")
+    with pytest.raises(ValueError, match="'lossless', 'compact', 'factored'"):
+        TraceCallback("unused", storage="bfloat16")
     with pytest.raises(ValueError, match="keepbits must be between 0 and 23"):
         TraceCallback("unused", storage="compact", keepbits=30)
 

@@ -1,7 +1,7 @@
 """A traced training run in its own process, for the crash and resume tests.
 
 Usage: python tests/trace_run.py OUT [--max-steps N] [--epochs E] [--sleep S] [--resume CKPT] [--devices D]
-       [--trace URL]
+       [--trace URL] [--storage MODE]
 
 Writes OUT/trace, a snapshot of the weights after every optimizer step
 (OUT/snaps/step_K.pt, saved before the trace sees the step) and, every 5 steps,
@@ -27,21 +27,22 @@ from lightning_tracetrain import IndexedDataset, TraceCallback
 
 
 class SlowNet(pl.LightningModule):
-    def __init__(self, sleep: float = 0.0, snaps: str = "") -> None:
+    def __init__(self, sleep: float = 0.0, snaps: str = "", momentum: float = 0.9) -> None:
         super().__init__()
         self.save_hyperparameters()
         self.conv = nn.Conv2d(1, 4, 3, padding=1)
-        self.fc = nn.Linear(4 * 36, 3)
+        self.fc = nn.Linear(4 * 36, 16)  # with storage="factored" this one is stored as per-example factors
+        self.head = nn.Linear(16, 3)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.fc(F.relu(self.conv(x)).flatten(1))
+        return self.head(F.relu(self.fc(F.relu(self.conv(x)).flatten(1))))
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         time.sleep(self.hparams.sleep)
         return F.cross_entropy(self(batch["x"]), batch["y"])
 
     def configure_optimizers(self) -> Any:
-        opt = torch.optim.SGD(self.parameters(), lr=0.05, momentum=0.9)
+        opt = torch.optim.SGD(self.parameters(), lr=0.05, momentum=self.hparams.momentum)
         opt.register_step_post_hook(self._snapshot)  # registered before TraceCallback's hook, so it runs first
         return opt
 
@@ -61,6 +62,7 @@ def main() -> None:
     parser.add_argument("--resume", default=None)
     parser.add_argument("--devices", type=int, default=1, help="CPU processes; more than 1 runs DDP (gloo)")
     parser.add_argument("--epochs", type=int, default=-1)
+    parser.add_argument("--storage", default="lossless", help="TraceCallback storage (factored: plain SGD)")
     parser.add_argument("--trace", default=None, help="where the trace goes (default OUT/trace; may be a URL)")
     args = parser.parse_args()
     (args.out / "snaps").mkdir(parents=True, exist_ok=True)
@@ -68,7 +70,8 @@ def main() -> None:
     g = torch.Generator().manual_seed(0)
     data = IndexedDataset(TensorDataset(torch.randn(48, 1, 6, 6, generator=g), torch.randint(0, 3, (48,), generator=g)))
     loader = DataLoader(data, batch_size=8, shuffle=True, generator=g)
-    model = SlowNet(sleep=args.sleep, snaps=str(args.out / "snaps"))
+    momentum = 0.0 if args.storage == "factored" else 0.9
+    model = SlowNet(sleep=args.sleep, snaps=str(args.out / "snaps"), momentum=momentum)
     torch.save({k: v.detach().clone() for k, v in model.named_parameters()}, args.out / "snaps" / "step_0.pt")
     trainer = pl.Trainer(
         accelerator="cpu",
@@ -80,7 +83,7 @@ def main() -> None:
         enable_progress_bar=False,
         enable_model_summary=False,
         callbacks=[
-            TraceCallback(args.trace or args.out / "trace", chunk_steps=3),
+            TraceCallback(args.trace or args.out / "trace", chunk_steps=3, storage=args.storage),
             ModelCheckpoint(args.out / "ckpt", filename="{step}", every_n_train_steps=5, save_top_k=-1),
         ],
     )

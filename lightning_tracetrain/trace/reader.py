@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -12,8 +12,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from lightning_tracetrain import functional as Fx
 from lightning_tracetrain.exceptions import TraceFormatError, UnknownLayerError
-from lightning_tracetrain.functional import accumulate
 from lightning_tracetrain.trace import schema
 from lightning_tracetrain.trace.schema import ClassSpec, LayerSpec, TraceSpec
 
@@ -30,6 +30,16 @@ class StepTable:
     lr: np.ndarray  # float64 (steps, param groups), columns named by Trace.lr_columns
     example_start: np.ndarray  # int64 (steps,): the step's rows in Trace.examples
     example_stop: np.ndarray  # int64 (steps,)
+
+
+@dataclass  # not frozen: Lightning moves the tensors of a dataclass batch to the device in place
+class FactorRows:
+    """A factored layer's factors for a range of steps: one row per example row of those steps."""
+
+    inputs: Tensor  # (rows, in_features): the layer's input row
+    outputs: Tensor  # (rows, out_features): -lr times the loss gradient of the layer's output row
+    counts: Tensor  # int64 (steps,): rows of each step, in order
+    row_start: int  # the first row's position in Trace.examples
 
 
 @dataclass(frozen=True)
@@ -123,9 +133,48 @@ class Trace:
         return {p: self._read(schema.initial_path(layer, p)) for p in self.layer(layer).params}
 
     def deltas(self, layer: str, start: int = 0, stop: int | None = None) -> dict[str, Tensor]:
-        """Per-step changes of the layer's parameters for steps ``[start, stop)``, stacked on axis 0."""
+        """Per-step changes of the layer's parameters for steps ``[start, stop)``, stacked on axis 0.
+
+        A factored layer's weight changes are rebuilt from its per-example factors.
+        """
+        return self.read_chunk(layer, start, stop)[0]
+
+    def read_chunk(
+        self, layer: str, start: int = 0, stop: int | None = None
+    ) -> tuple[dict[str, Tensor], FactorRows | None]:
+        """:meth:`deltas` of steps ``[start, stop)`` and, for a factored layer, the factors they were built from."""
         start, stop = self._bounds(start, stop)
-        return {p: self._read(schema.delta_path(layer, p), slice(start, stop)) for p in self.layer(layer).params}
+        params = self.layer(layer).params
+        factored = self.spec.is_factored(layer)
+        deltas = {
+            p: self._read(schema.delta_path(layer, p), slice(start, stop))
+            for p in params
+            if not (factored and p == "weight")
+        }
+        if not factored:
+            return deltas, None
+        rows = self.factors(layer, start, stop)
+        weight = Fx.factored_deltas(rows.inputs, rows.outputs, rows.counts.tolist())
+        return {"weight": weight, **deltas}, rows
+
+    def factors(self, layer: str, start: int = 0, stop: int | None = None) -> FactorRows:
+        """A factored layer's per-example factors for steps ``[start, stop)`` (``storage="factored"``)."""
+        start, stop = self._bounds(start, stop)
+        if not self.spec.is_factored(layer):
+            factored = ", ".join(self.spec.factored or ()) or "none"
+            raise UnknownLayerError(
+                f"Layer {layer!r} of {self.path} is stored as dense deltas, not per-example factors "
+                f"(storage {self.storage!r}; factored layers: {factored}). Use Trace.deltas({layer!r})."
+            )
+        steps = self.steps
+        first = int(steps.example_start[start]) if stop > start else 0
+        last = int(steps.example_stop[stop - 1]) if stop > start else 0
+        return FactorRows(
+            inputs=self._read(schema.factor_path(layer, "in"), slice(first, last)),
+            outputs=self._read(schema.factor_path(layer, "out"), slice(first, last)),
+            counts=torch.from_numpy(steps.example_stop[start:stop] - steps.example_start[start:stop]),
+            row_start=first,
+        )
 
     def iter_deltas(self, layer: str, start: int = 0, stop: int | None = None) -> Iterator[dict[str, Tensor]]:
         """Like :meth:`deltas`, one stored chunk of steps at a time."""
@@ -150,7 +199,7 @@ class Trace:
     def _weights(self, layer: str, stop: int) -> dict[str, Tensor]:
         initial = self.initial(layer)
         return {
-            p: accumulate(w0, (chunk[p] for chunk in self.iter_deltas(layer, 0, stop))) for p, w0 in initial.items()
+            p: Fx.accumulate(w0, (chunk[p] for chunk in self.iter_deltas(layer, 0, stop))) for p, w0 in initial.items()
         }
 
     # ---- what produced each step
@@ -207,22 +256,27 @@ class Trace:
 
     @property
     def storage(self) -> str:
-        """``"lossless"`` or ``"compact"`` (deltas rounded to ``spec.keepbits`` mantissa bits)."""
+        """``"lossless"``, ``"compact"`` (deltas rounded to ``spec.keepbits`` mantissa bits) or ``"factored"``."""
         return self.spec.mode
 
-    def nbytes(self) -> dict[str, int]:
-        """Stored and raw (float32) bytes of the deltas of the committed steps."""
+    def nbytes(self, layers: Sequence[str] | None = None) -> dict[str, int]:
+        """Stored and raw (float32) bytes of the deltas (or factors) of the committed steps, of all or some layers."""
         stored = raw = 0
-        for lay in self.spec.layers:
+        for lay in self.spec.layers if layers is None else [self.layer(name) for name in layers]:
             for p, shape in lay.params.items():
-                arr = self._group[schema.delta_path(lay.name, p)]
                 raw += int(np.prod(shape)) * 4 * self.num_steps
-                stored += int(arr.nbytes_stored())
+                if p == "weight" and self.spec.is_factored(lay.name):
+                    sides = [self._group[schema.factor_path(lay.name, side)] for side in ("in", "out")]
+                    stored += sum(int(arr.nbytes_stored()) for arr in sides)
+                else:
+                    stored += int(self._group[schema.delta_path(lay.name, p)].nbytes_stored())
         return {"stored": stored, "raw": raw}
 
     def _storage_line(self) -> str:
         if self.storage == "compact":
             return f"compact: {self.spec.keepbits} mantissa bits"
+        if self.storage == "factored":
+            return f"factored: {', '.join(self.spec.factored or ()) or 'no layer'} as per-example factors"
         return "lossless"
 
     def summary(self) -> str:

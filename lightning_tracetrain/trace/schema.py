@@ -38,6 +38,21 @@ def delta_path(layer: str, param: str) -> str:
     return f"layers/{layer}/delta/{param}"
 
 
+def factor_path(layer: str, side: str) -> str:
+    """``storage="factored"``: a layer's per-example factors on the ``examples`` axis.
+
+    ``side="in"``: the layer's input row of each example, ``(examples, in_features)``; ``side="out"``:
+    ``-lr`` times the loss gradient of the layer's output row, ``(examples, out_features)``. A step's
+    weight change is the sum of ``out_r in_r^T`` over its rows.
+    """
+    return f"layers/{layer}/factor/{side}"
+
+
+def factor_chunk(width: int) -> int:
+    """Rows per chunk of a factor array: about 2 MiB of float32."""
+    return max(256, 2**21 // (4 * max(1, width)))
+
+
 def initial_path(layer: str, param: str) -> str:
     """Array of a layer parameter's value when tracing started."""
     return f"layers/{layer}/initial/{param}"
@@ -94,6 +109,11 @@ class TraceSpec:
     compressor: dict[str, Any] | None
     mode: str = "lossless"  # or "compact": deltas rounded to keepbits mantissa bits, with error feedback
     keepbits: int | None = None
+    # "factored": the layers whose weight is stored as per-example factors; None until the first step decides
+    factored: tuple[str, ...] | None = None
+
+    def is_factored(self, layer: str) -> bool:
+        return self.factored is not None and layer in self.factored
 
     @property
     def fingerprint(self) -> dict[str, Any]:
@@ -116,6 +136,7 @@ class TraceSpec:
                 "chunk_steps": self.chunk_steps,
                 "compressor": self.compressor,
                 **({"keepbits": self.keepbits} if self.mode == "compact" else {}),
+                **({"factored": list(self.factored)} if self.factored is not None else {}),
             },
         }
 
@@ -130,6 +151,7 @@ class TraceSpec:
             compressor=attrs["storage"].get("compressor"),
             mode=attrs["storage"].get("mode", "lossless"),
             keepbits=attrs["storage"].get("keepbits"),
+            factored=None if (f := attrs["storage"].get("factored")) is None else tuple(f),
         )
 
 

@@ -11,6 +11,7 @@ bounded, so a slow disk slows training down instead of filling memory.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import errno
 import itertools
 import os
@@ -40,7 +41,7 @@ from lightning_tracetrain.trace import schema
 from lightning_tracetrain.trace.schema import TraceSpec
 
 Compressor = str | zarr.abc.codec.BytesBytesCodec | None
-STORAGE_MODES = ("lossless", "compact")
+STORAGE_MODES = ("lossless", "compact", "factored")
 
 
 def make_compressor(compressor: Compressor, storage: str = "lossless") -> zarr.abc.codec.BytesBytesCodec | None:
@@ -145,6 +146,8 @@ class StepRecord:
     ghost: np.ndarray
     label: np.ndarray | None
     deltas: StagedDeltas | None  # None: the step was skipped (AMP found inf/nan), its delta is zero
+    # storage="factored": per factored layer, (input rows, -lr * output gradient rows), one row per example
+    factors: dict[str, tuple[np.ndarray, np.ndarray]] | None = None
 
     @property
     def skipped(self) -> bool:
@@ -215,6 +218,11 @@ def open_for_writing(
             raise TraceMismatchError(
                 f"The trace at {path} was recorded for {existing.describe()}, but this run traces "
                 f"{spec.describe()}. Trace the same layers of the same model, or choose another dirpath."
+            )
+        if existing.mode != spec.mode:
+            raise TraceMismatchError(
+                f"The trace at {path} stores {existing.mode!r} deltas, but this run asks for storage={spec.mode!r}; "
+                f"resume with TraceCallback(storage={existing.mode!r}) or trace into another dirpath."
             )
         group = schema.open_group(path, "r+", storage_options)
         truncate(group, resume.records)
@@ -312,9 +320,9 @@ def truncate(group: zarr.Group, records: int) -> None:
     if records > 0:
         examples = int(group[schema.step_path("example_stop")][records - 1])
     for name, node in _walk_arrays(group):
-        if not (name.startswith(("steps/", "examples/")) or "/delta/" in name):
+        if not (name.startswith(("steps/", "examples/")) or "/delta/" in name or "/factor/" in name):
             continue  # initial weights have no step axis
-        axis_len = examples if name.startswith("examples/") else records
+        axis_len = examples if name.startswith("examples/") or "/factor/" in name else records
         if node.shape[0] != axis_len:
             node.resize((axis_len, *node.shape[1:]))
     group.attrs.update({"steps_committed": records, "examples_committed": examples})
@@ -373,23 +381,7 @@ class TraceWriter:
     ) -> None:
         self._group = group
         self._path = path or str(group.store)
-        spec = TraceSpec.from_attrs(dict(group.attrs))
-        self._chunk = spec.chunk_steps
-        self._arrays = [  # deltas are rarely all zero: skip zarr's scan of every chunk for it
-            group[schema.delta_path(lay.name, p)].with_config({"write_empty_chunks": True})
-            for lay in spec.layers
-            for p in lay.params
-        ]
-        # a window holds a chunk of steps, one row per step: every parameter's delta flattened and concatenated
-        sizes = [int(np.prod(arr.shape[1:])) for arr in self._arrays]
-        bounds = np.cumsum([0, *sizes])
-        self._columns = [slice(int(a), int(b)) for a, b in itertools.pairwise(bounds)]
-        self._windows = [np.zeros((self._chunk, int(bounds[-1])), dtype=np.float32) for _ in range(2)]
-        keepbits = spec.keepbits if spec.mode == "compact" else None
-        self._round = None if keepbits is None else numcodecs.BitRound(keepbits)
-        self._carry: np.ndarray | None = None  # compact: the rounding error, carried into the next step
-        if self._round is not None:
-            self._carry = np.zeros(int(bounds[-1]), dtype=np.float32)
+        self._layout(TraceSpec.from_attrs(dict(group.attrs)))
         self._window_commit: list[Future[None] | None] = [None, None]  # last commit that reads each window
         self._current = 0
         self._steps = {name: group[schema.step_path(name)] for name in schema.STEP_ARRAYS}
@@ -406,6 +398,63 @@ class TraceWriter:
         self._committer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="trace-commit")
         self._thread = threading.Thread(target=self._run, name="trace-writer", daemon=True)
         self._thread.start()
+
+    def _layout(self, spec: TraceSpec) -> None:
+        """The stored arrays and the in-memory windows that collect a chunk of steps for them."""
+        self._spec = spec
+        self._chunk = spec.chunk_steps
+        self._arrays = [  # deltas are rarely all zero: skip zarr's scan of every chunk for it
+            self._group[schema.delta_path(lay.name, p)].with_config({"write_empty_chunks": True})
+            for lay in spec.layers
+            for p in lay.params
+            if not (p == "weight" and spec.is_factored(lay.name))
+        ]
+        self._factors = {
+            name: tuple(self._group[schema.factor_path(name, side)] for side in ("in", "out"))
+            for name in spec.factored or ()
+        }
+        # a window holds a chunk of steps, one row per step: every parameter's delta flattened and concatenated
+        sizes = [int(np.prod(arr.shape[1:])) for arr in self._arrays]
+        bounds = np.cumsum([0, *sizes])
+        self._columns = [slice(int(a), int(b)) for a, b in itertools.pairwise(bounds)]
+        self._windows = [np.zeros((self._chunk, int(bounds[-1])), dtype=np.float32) for _ in range(2)]
+        keepbits = spec.keepbits if spec.mode == "compact" else None
+        self._round = None if keepbits is None else numcodecs.BitRound(keepbits)
+        self._carry: np.ndarray | None = None  # compact: the rounding error, carried into the next step
+        if self._round is not None:
+            self._carry = np.zeros(int(bounds[-1]), dtype=np.float32)
+
+    @property
+    def factored(self) -> tuple[str, ...] | None:
+        """``storage="factored"``: the layers stored as per-example factors (None: not decided yet)."""
+        return self._spec.factored
+
+    def set_factored(self, layers: Sequence[str]) -> None:
+        """Store these layers' weights as per-example factors from now on (before the first step only).
+
+        Creates the factor arrays, records the choice in the trace's attributes and only then
+        removes the layers' dense weight arrays, so a crash in between leaves a readable trace.
+        """
+        if self.committed or self._pending or not self._queue.empty():
+            raise RuntimeError("The factored layers are chosen before the first step is recorded.")
+        compressor = self._group[schema.step_path("global_step")].compressors
+        shapes = {lay.name: lay.params["weight"] for lay in self._spec.layers if lay.name in layers}
+        for name, (out_features, in_features) in shapes.items():
+            for side, width in (("in", in_features), ("out", out_features)):
+                self._group.create_array(
+                    schema.factor_path(name, side),
+                    shape=(0, width),
+                    chunks=(schema.factor_chunk(width), width),
+                    dtype="float32",
+                    compressors=compressor,
+                    overwrite=True,
+                )
+        spec = dataclasses.replace(self._spec, factored=tuple(layers))
+        self._group.attrs.update({"storage": spec.to_attrs()["storage"]})
+        for name in layers:
+            if schema.delta_path(name, "weight") in _member_names(self._group):
+                del self._group[schema.delta_path(name, "weight")]
+        self._layout(spec)
 
     # ---- training thread
 
@@ -562,6 +611,9 @@ class TraceWriter:
                 (self._examples["ghost"], e_start, np.concatenate([r.ghost for r in recs])),
                 (self._label_array(recs), e_start, _labels(recs)),
             ]
+            for name, arrays in self._factors.items():
+                for side, arr in enumerate(arrays):
+                    writes.append((arr, e_start, _factor_rows(recs, name, side, arr.shape[1])))
         zarr_sync(_write_all(writes))  # data first, in one round trip to zarr's event loop ...
         self._group.attrs.update({"steps_committed": start + n, "examples_committed": e_stop})  # ... then the commit
         self.committed = start + n
@@ -592,6 +644,14 @@ def _step_label(record: StepRecord) -> int:
         return -1
     real = np.unique(record.label[~record.ghost])
     return int(real[0]) if len(real) == 1 else -1
+
+
+def _factor_rows(recs: list[StepRecord], layer: str, side: int, width: int) -> np.ndarray:
+    """One factor of a layer for all rows of ``recs``; a skipped step's rows are zeros (it changed nothing)."""
+    parts = [
+        r.factors[layer][side] if r.factors is not None else np.zeros((len(r.index), width), np.float32) for r in recs
+    ]
+    return np.concatenate(parts)
 
 
 def _labels(recs: list[StepRecord]) -> np.ndarray:
