@@ -196,10 +196,15 @@ class TraceCallback(Callback):
                 commit_every_s=self.commit_every_s,
                 path=self.dirpath,
             )
-            self._stager = DeltaStager([t.shape for t in self._params], pl_module.device, self.max_pending_steps + 2)
-            if self.storage == "factored":
+            if self.storage == "factored":  # the stager is made at the first step, once the factored weights are known
                 self._start_factors(trainer, layers)
+            else:
+                self._stager = self._make_stager(pl_module.device)
         self._hooks = [opt.register_step_post_hook(self._after_optimizer_step) for opt in trainer.optimizers]
+
+    def _make_stager(self, device: torch.device) -> DeltaStager:
+        """Staging buffers for the deltas of ``_params``, enough for every step that may wait for the writer."""
+        return DeltaStager([t.shape for t in self._params], device, self.max_pending_steps + 2)
 
     @override
     def on_train_batch_start(
@@ -261,8 +266,9 @@ class TraceCallback(Callback):
             return
         step = trainer.global_step  # Lightning counts the step only after optimizer.step() returns
         self._record_skipped(step)
-        if self._writer is not None and self._stager is not None:
+        if self._writer is not None:
             factors = self._take_factors() if self._recorder is not None else None
+            assert self._stager is not None
             staged = self._stager.stage(self._params, self._prev)
             with torch.no_grad():
                 torch._foreach_copy_(self._prev, self._params)
@@ -284,13 +290,14 @@ class TraceCallback(Callback):
         """Capture the factors of every traced Linear layer that an optimizer updates (checked to be plain SGD)."""
         assert self._writer is not None
         decided = self._writer.factored
-        candidates = {
-            name: m
+        groups = {
+            name: found
             for name, m in layers.items()
             if isinstance(m, torch.nn.Linear)
-            and param_group(trainer, m.weight) is not None
             and (decided is None or name in decided)
+            and (found := param_group(trainer, m.weight)) is not None
         }
+        candidates = {name: layers[name] for name in groups}
         check_plain_sgd(trainer, candidates)
         if not candidates:
             warnings.warn(
@@ -298,20 +305,14 @@ class TraceCallback(Callback):
                 "every layer is stored as lossless deltas.",
                 stacklevel=2,
             )
-        self._factor_lr = {name: param_group(trainer, m.weight)[1] for name, m in candidates.items()}  # type: ignore[index]
+        self._factor_lr = {name: group for name, (_, group) in groups.items()}
         self._recorder = FactorRecorder(candidates)
         self._checked = False
-
-    def _step_rows(self) -> int:
-        """Example rows of the step being recorded (all batches of its accumulation window)."""
-        if self._pending:
-            return sum(len(p[0]) for p in self._pending)
-        return len(self._last_examples[0]) if self._last_examples is not None else 0
 
     def _take_factors(self) -> dict[str, tuple[np.ndarray, np.ndarray]]:
         """This step's factors of the factored layers; on the first step, choose those layers and check them."""
         assert self._recorder is not None and self._writer is not None
-        rows = self._step_rows()
+        rows = len(self._step_examples()[0])
         got = {
             name: step_factors(self._recorder.take(name), float(group["lr"]), rows)
             for name, group in self._factor_lr.items()
@@ -358,8 +359,7 @@ class TraceCallback(Callback):
         self._params = [self._params[i] for i in keep]
         self._prev = [self._prev[i] for i in keep]
         assert self._trainer is not None and self._recorder is not None
-        device = self._trainer.lightning_module.device
-        self._stager = DeltaStager([t.shape for t in self._params], device, self.max_pending_steps + 2)
+        self._stager = self._make_stager(self._trainer.lightning_module.device)
         self._recorder.keep_only(set(factors))
         self._factor_lr = {name: self._factor_lr[name] for name in factors}
         self._checked = True
@@ -371,16 +371,7 @@ class TraceCallback(Callback):
         staged: Any,
         factors: dict[str, tuple[np.ndarray, np.ndarray]] | None = None,
     ) -> StepRecord:
-        if len(self._pending) == 1:  # the usual case: one batch, one step
-            self._last_examples, self._pending = self._pending[0], []
-        elif self._pending:  # gradient accumulation: the step was produced by several batches
-            parts = self._pending
-            labels = [p[1] for p in parts]
-            label = None if any(lab is None for lab in labels) else np.concatenate(labels)  # type: ignore[arg-type]
-            self._last_examples = (np.concatenate([p[0] for p in parts]), label, np.concatenate([p[2] for p in parts]))
-            self._pending = []
-        # a second optimizer step within the same batch (manual optimization) was produced by the same examples
-        index, label, ghost = self._last_examples or (np.zeros(0, np.int64), None, np.zeros(0, bool))
+        index, label, ghost = self._step_examples()
         return StepRecord(
             global_step=step,
             epoch=trainer.current_epoch,
@@ -392,6 +383,22 @@ class TraceCallback(Callback):
             deltas=staged,
             factors=factors,
         )
+
+    def _step_examples(self) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
+        """Ids, labels and ghost flags of the step being recorded (all batches of its accumulation window).
+
+        Merges the batches seen since the last step; calling it again before the next batch gives the same.
+        """
+        if len(self._pending) == 1:  # the usual case: one batch, one step
+            self._last_examples, self._pending = self._pending[0], []
+        elif self._pending:  # gradient accumulation: the step was produced by several batches
+            parts = self._pending
+            labels = [p[1] for p in parts]
+            label = None if any(lab is None for lab in labels) else np.concatenate(labels)  # type: ignore[arg-type]
+            self._last_examples = (np.concatenate([p[0] for p in parts]), label, np.concatenate([p[2] for p in parts]))
+            self._pending = []
+        # a second optimizer step within the same batch (manual optimization) was produced by the same examples
+        return self._last_examples or (np.zeros(0, np.int64), None, np.zeros(0, bool))
 
     def _check_continuity(self, global_step: int) -> None:
         """On resume, the trace's last committed step must be the one right before this run's first."""

@@ -28,9 +28,9 @@ class FactorRecorder:
 
     def __init__(self, layers: Mapping[str, nn.Module]) -> None:
         self._rows: dict[str, list[tuple[Tensor, Tensor]]] = {name: [] for name in layers}
-        self._handles: list[RemovableHandle] = [
-            module.register_forward_hook(self._hook(name)) for name, module in layers.items()
-        ]
+        self._handles: dict[str, RemovableHandle] = {
+            name: module.register_forward_hook(self._hook(name)) for name, module in layers.items()
+        }
 
     def _hook(self, name: str) -> Any:
         rows = self._rows[name]
@@ -51,15 +51,14 @@ class FactorRecorder:
 
     def keep_only(self, names: set[str]) -> None:
         """Stop capturing every layer not in ``names``."""
-        for name, handle in zip(list(self._rows), self._handles, strict=True):
-            if name not in names:
-                handle.remove()
-        self._rows = {n: r for n, r in self._rows.items() if n in names}
+        for name in [n for n in self._handles if n not in names]:
+            self._handles.pop(name).remove()
+            del self._rows[name]
 
     def remove(self) -> None:
-        for handle in self._handles:
+        for handle in self._handles.values():
             handle.remove()
-        self._handles, self._rows = [], {}
+        self._handles, self._rows = {}, {}
 
 
 def step_factors(pairs: list[tuple[Tensor, Tensor]], lr: float, rows: int) -> tuple[Tensor, Tensor] | str:

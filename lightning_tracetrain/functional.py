@@ -230,7 +230,7 @@ def factored_deltas(inputs: Tensor, outputs: Tensor, counts: Sequence[int]) -> T
     width = max(counts, default=0)
     a = inputs.new_zeros(len(counts), width, inputs.shape[1])
     g = outputs.new_zeros(len(counts), width, outputs.shape[1])
-    step = torch.repeat_interleave(torch.arange(len(counts)), torch.tensor(counts, dtype=torch.long))
+    step = _row_steps(counts)
     start = torch.tensor([0, *counts[:-1]], dtype=torch.long).cumsum(0)
     slot = torch.arange(inputs.shape[0]) - start[step]
     a[step, slot], g[step, slot] = inputs, outputs
@@ -272,10 +272,15 @@ def step_sums(row_values: Tensor, counts: Sequence[int] | Tensor) -> Tensor:
 
     For :func:`row_gammas` this is each step's gamma again (a check of the per-example shares).
     """
-    counts = torch.as_tensor(counts, dtype=torch.long)
-    step = torch.repeat_interleave(torch.arange(len(counts)), counts).to(row_values.device)
+    step = _row_steps(counts).to(row_values.device)
     out = row_values.new_zeros(row_values.shape[0], len(counts))
     return out.index_add_(1, step, row_values[:, : len(step)])
+
+
+def _row_steps(counts: Sequence[int] | Tensor) -> Tensor:
+    """The step of every row, for steps of ``counts[t]`` consecutive rows."""
+    counts = torch.as_tensor(counts, dtype=torch.long)
+    return torch.repeat_interleave(torch.arange(len(counts)), counts)
 
 
 def cosines(gamma: Tensor, z_norm: Tensor, contribution: Tensor) -> Tensor:
