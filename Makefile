@@ -14,10 +14,11 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/python -m lightning_tracetrain.demo --config configs/digits.yaml
+	$(BIN)/python -m lightning_tracetrain demo --config configs/digits.yaml
 
 test: $(STAMP)
 	$(BIN)/python -m ruff check lightning_tracetrain tests benchmarks
+	$(BIN)/python -m ruff format --check lightning_tracetrain tests benchmarks
 	$(BIN)/python -m pytest -q
 
 lint: $(STAMP)

@@ -24,8 +24,10 @@ import lightning.pytorch as pl
 import torch
 
 from lightning_tracetrain import Trace, TraceCallback
-from lightning_tracetrain.evaluate import digits_workload
-from lightning_tracetrain.explainer import DeltaChunks, Explainer
+from lightning_tracetrain.explain import Explainer
+from lightning_tracetrain.explain.chunks import TraceChunks
+from lightning_tracetrain.trainer import quiet_trainer
+from lightning_tracetrain.workloads.config import build
 
 
 def _best(fn: Callable[[], object], repeats: int) -> float:
@@ -37,26 +39,30 @@ def _best(fn: Callable[[], object], repeats: int) -> float:
     return min(times)
 
 
-def main() -> None:
+def parser() -> argparse.ArgumentParser:
+    """The benchmark's options (the README's commands are checked against it)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--queries", type=int, nargs="+", default=[1, 16, 256])
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/explain_throughput_digits_cpu.json"))
-    args = parser.parse_args()
+    return parser
+
+
+def main() -> None:
+    args = parser().parse_args()
     passes: dict[str, dict[str, float]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         pl.seed_everything(0, verbose=False)
-        model, datamodule = digits_workload()
-        pl.Trainer(
-            max_epochs=args.epochs, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
-            enable_progress_bar=False, enable_model_summary=False, use_distributed_sampler=False,
+        model, datamodule = build("digits")
+        quiet_trainer(
+            max_epochs=args.epochs, accelerator="cpu", use_distributed_sampler=False,
             callbacks=[TraceCallback(f"{tmp}/trace")],
         ).fit(model, datamodule)  # fmt: skip
         trace = Trace(f"{tmp}/trace")
         model.eval()
         raw_bytes = trace.nbytes()["raw"]
-        chunks = DeltaChunks(trace.path, trace.layers, trace.num_steps, trace.spec.chunk_steps)
+        chunks = TraceChunks(trace, trace.layers, trace.num_steps)
 
         def read_all() -> None:
             for i in range(len(chunks)):
@@ -70,10 +76,7 @@ def main() -> None:
             for q in args.queries:
                 explainer = Explainer(model, trace, norms=norms)
                 explainer.set_queries([collate([test[i % len(test)]]) for i in range(q)])
-                trainer = pl.Trainer(
-                    accelerator="cpu", devices=1, logger=False, inference_mode=False, enable_model_summary=False,
-                    enable_progress_bar=False,
-                )  # fmt: skip
+                trainer = quiet_trainer(accelerator="cpu", inference_mode=False)
                 seconds = _best(lambda e=explainer, t=trainer: e.run(t), args.repeats)
                 passes[f"{'gamma+norms' if norms else 'gamma'} Q={q}"] = {
                     "seconds": seconds,

@@ -30,25 +30,26 @@ import lightning.pytorch as pl
 import torch
 
 from lightning_tracetrain import functional as Fx
-from lightning_tracetrain.evaluate import (
-    digits_factored_workload,
-    identical_class,
-    single_batches,
-    storage_ratios,
-    trace_modes,
-)
-from lightning_tracetrain.explainer import Explainer, example_attribution
+from lightning_tracetrain.explain import Explainer, example_attribution
+from lightning_tracetrain.workloads.config import build
+from lightning_tracetrain.workloads.metrics import class_share, identical_class
+from lightning_tracetrain.workloads.runs import single_batches, storage_ratios, trace_modes
 
 
-def main() -> None:
+def parser() -> argparse.ArgumentParser:
+    """The benchmark's options (the README's commands are checked against it)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--queries", type=int, default=100)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/factored_digits_cpu.json"))
-    args = parser.parse_args()
+    return parser
+
+
+def main() -> None:
+    args = parser().parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         pl.seed_everything(0, verbose=False)
-        model, datamodule = digits_factored_workload()
+        model, datamodule = build("digits_factored")
         traces = trace_modes(model, datamodule, Path(tmp), {"lossless": {}, "factored": {}}, args.epochs)
         factored = traces["factored"]
         storage = storage_ratios(traces)
@@ -71,8 +72,10 @@ def main() -> None:
             steps = factored.steps
             shares = Fx.step_sums(exact.rows, steps.example_stop - steps.example_start)
             scale = exact.z_sq[:, None]
-            with_shares, labels = example_attribution(factored, exact.gamma, factored.num_steps, rows=exact.rows)
-            split, _ = example_attribution(traces["lossless"], dense.gamma, factored.num_steps)
+            with_shares, labels = example_attribution(
+                steps, factored.examples, exact.gamma, factored.num_steps, rows=exact.rows
+            )
+            split, _ = example_attribution(steps, traces["lossless"].examples, dense.gamma, factored.num_steps)
             entry.update(
                 {
                     "gamma_vs_lossless_max_rel": float(((exact.gamma - dense.gamma).abs() / scale).max()),
@@ -82,8 +85,8 @@ def main() -> None:
                     "top10_same_class_equal_split": identical_class(split, labels, predicted, k=10),
                     "top1_same_class_exact": identical_class(with_shares, labels, predicted),
                     "top1_same_class_equal_split": identical_class(split, labels, predicted),
-                    "class_share_of_predicted_exact": _class_share(with_shares, labels, predicted),
-                    "class_share_of_predicted_equal_split": _class_share(split, labels, predicted),
+                    "class_share_of_predicted_exact": class_share(with_shares, labels, predicted),
+                    "class_share_of_predicted_equal_split": class_share(split, labels, predicted),
                 }
             )
     result = {
@@ -113,13 +116,6 @@ def main() -> None:
         )
     print(f"explanation pass: factored {seconds['factored']:.2f} s, lossless {seconds['lossless']:.2f} s")
     print(f"wrote {args.out}")
-
-
-def _class_share(scores: torch.Tensor, labels: torch.Tensor, predicted: torch.Tensor) -> float:
-    """Mean share of the positive example scores that go to the query's predicted class."""
-    positive = scores.clamp_min(0)
-    own = torch.stack([positive[q, labels == c].sum() for q, c in enumerate(predicted.tolist())])
-    return float((own / positive.sum(1).clamp_min(1e-30)).mean())
 
 
 if __name__ == "__main__":

@@ -37,9 +37,9 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from lightning_tracetrain import IndexedDataset, Trace, TraceCallback
 from lightning_tracetrain.batch import loader_class
-from lightning_tracetrain.data import DigitsDataModule
-from lightning_tracetrain.evaluate import digits_factored_workload, digits_workload
-from lightning_tracetrain.models import VGG16, DigitsCNN, PpaGIN
+from lightning_tracetrain.trainer import quiet_trainer
+from lightning_tracetrain.workloads.config import build
+from lightning_tracetrain.workloads.models import VGG16, PpaGIN
 
 WORKLOADS = ("digits", "digits-plain", "digits-factored", "vgg16", "gin")
 
@@ -87,11 +87,12 @@ def _graphs(n: int, seed: int = 0) -> list[Any]:
 def workload(name: str, batch_size: int | None) -> tuple[pl.LightningModule, Any]:
     """A fresh model and training data (a datamodule or a DataLoader following the batch protocol)."""
     if name == "digits":
-        return digits_workload()
-    if name == "digits-plain":
-        return DigitsCNN(), DigitsDataModule(batch_size=batch_size or 32)
+        return build("digits")
+    if name == "digits-plain":  # the CNN's defaults (no batch norm, SGD momentum 0.9, lr 0.05) on shuffled batches
+        model, data = build("digits", data={"single_class": False, "ghost_size": 0, "batch_size": batch_size or 32})
+        return type(model)(), data
     if name == "digits-factored":
-        return digits_factored_workload()
+        return build("digits_factored")
     g = torch.Generator().manual_seed(0)
     dataset: Dataset
     if name == "vgg16":
@@ -115,17 +116,7 @@ def _run(args: argparse.Namespace, steps: int, trace_dir: str | None) -> dict[st
     if trace_dir is not None:
         callbacks.append(TraceCallback(trace_dir, overwrite=True, storage=args.storage))
     callbacks.append(timer)  # last: its on_fit_end runs after the trace's final commit
-    trainer = pl.Trainer(
-        accelerator=args.accelerator,
-        devices=1,
-        max_steps=steps,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-        callbacks=callbacks,
-    )
+    trainer = quiet_trainer(accelerator=args.accelerator, max_steps=steps, limit_val_batches=0, callbacks=callbacks)
     timer.fit_start = timer._now()  # not in on_fit_start: this callback's hooks run after the TraceCallback's
     if isinstance(data, DataLoader):
         trainer.fit(model, data)
@@ -140,7 +131,8 @@ def _run(args: argparse.Namespace, steps: int, trace_dir: str | None) -> dict[st
     return out
 
 
-def main() -> None:
+def parser() -> argparse.ArgumentParser:
+    """The benchmark's options (the README's commands are checked against it)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workload", choices=WORKLOADS, default="digits")
     parser.add_argument("--accelerator", default="cpu")
@@ -149,7 +141,11 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=None, help="digits: configs/digits.yaml's; vgg16 128; gin 32")
     parser.add_argument("--storage", default="lossless", choices=("lossless", "compact", "factored"))
     parser.add_argument("--out", type=Path, default=None, help="default benchmarks/results/overhead_WORKLOAD_ACC.json")
-    args = parser.parse_args()
+    return parser
+
+
+def main() -> None:
+    args = parser().parse_args()
     suffix = "" if args.storage == "lossless" else f"_{args.storage}"
     out = args.out or Path(f"benchmarks/results/overhead_{args.workload}{suffix}_{args.accelerator}.json")
     torch.set_num_threads(max(1, os.cpu_count() or 1))

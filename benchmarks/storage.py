@@ -22,8 +22,9 @@ from pathlib import Path
 import lightning.pytorch as pl
 import torch
 
-from lightning_tracetrain.evaluate import digits_workload, single_batches, storage_ratios, trace_modes
-from lightning_tracetrain.explainer import Explainer, example_attribution
+from lightning_tracetrain.explain import Explainer, example_attribution
+from lightning_tracetrain.workloads.config import build
+from lightning_tracetrain.workloads.runs import single_batches, storage_ratios, trace_modes
 
 
 def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -34,16 +35,25 @@ def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((ra * rb).sum() / (ra.norm() * rb.norm()))
 
 
-def main() -> None:
+def _examples(trace, gamma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return example_attribution(trace.steps, trace.examples, gamma, trace.num_steps)
+
+
+def parser() -> argparse.ArgumentParser:
+    """The benchmark's options (the README's commands are checked against it)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--queries", type=int, default=50)
     parser.add_argument("--keepbits", type=int, default=4)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/storage_digits_cpu.json"))
-    args = parser.parse_args()
+    return parser
+
+
+def main() -> None:
+    args = parser().parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         pl.seed_everything(0, verbose=False)
-        model, datamodule = digits_workload()
+        model, datamodule = build("digits")
         traces = trace_modes(
             model, datamodule, Path(tmp), {"lossless": {}, "compact": {"keepbits": args.keepbits}}, args.epochs
         )
@@ -57,8 +67,8 @@ def main() -> None:
         fidelity = {}
         for layer, lossless in results["lossless"].items():
             compact = results["compact"][layer]
-            ex_l, _ = example_attribution(traces["lossless"], lossless.gamma, traces["lossless"].num_steps)
-            ex_c, _ = example_attribution(traces["compact"], compact.gamma, traces["compact"].num_steps)
+            ex_l, _ = _examples(traces["lossless"], lossless.gamma)
+            ex_c, _ = _examples(traces["compact"], compact.gamma)
             top_l, top_c = ex_l.topk(10, dim=1).indices, ex_c.topk(10, dim=1).indices
             overlap = [len(set(a.tolist()) & set(b.tolist())) / 10 for a, b in zip(top_l, top_c, strict=True)]
             rho = [spearman(a, b) for a, b in zip(lossless.gamma, compact.gamma, strict=True)]

@@ -2,11 +2,18 @@
 
 Implements Pfahler & Morik, "Explaining Deep Learning Representations by
 Tracing the Training Process" (AAAI 2022) for PyTorch Lightning.
+
+- :mod:`~lightning_tracetrain.functional`: the math, as plain tensor functions;
+- :mod:`~lightning_tracetrain.trace`: the on-disk trace, its writer and :class:`Trace`;
+- :mod:`~lightning_tracetrain.recording`: :class:`TraceCallback` over a plain recorder;
+- :mod:`~lightning_tracetrain.singleclass`: single-class batches with ghost samples, ghost batch norm;
+- :mod:`~lightning_tracetrain.explain`: the :class:`~lightning_tracetrain.explain.Explainer` and its CLI;
+- :mod:`~lightning_tracetrain.baselines`: Representer Points, TracIn, ClaDec;
+- :mod:`~lightning_tracetrain.workloads`: the paper's workloads (not imported by the library).
 """
 
+from lightning_tracetrain._version import __version__
 from lightning_tracetrain.batch import IndexedDataset
-from lightning_tracetrain.callback import TraceCallback
-from lightning_tracetrain.datamodule import SingleClassBatchesMixin
 from lightning_tracetrain.exceptions import (
     MissingIndexError,
     TraceExistsError,
@@ -15,18 +22,19 @@ from lightning_tracetrain.exceptions import (
     TraceTrainError,
     TraceWriteError,
     UnknownLayerError,
+    UntrustedCodeError,
 )
-from lightning_tracetrain.ghost import (
+from lightning_tracetrain.recording import TraceCallback
+from lightning_tracetrain.singleclass import (
     GhostBatchNorm1d,
     GhostBatchNorm2d,
     GhostBatchNormNodes,
+    SingleClassBatchesMixin,
+    SingleClassBatchSampler,
     convert_batchnorm,
     set_ghost_mask,
 )
-from lightning_tracetrain.sampler import SingleClassBatchSampler
-from lightning_tracetrain.trace import Trace
-
-__version__ = "0.1.0"
+from lightning_tracetrain.trace import StorageMode, Trace
 
 __all__ = [
     "GhostBatchNorm1d",
@@ -36,6 +44,7 @@ __all__ = [
     "MissingIndexError",
     "SingleClassBatchSampler",
     "SingleClassBatchesMixin",
+    "StorageMode",
     "Trace",
     "TraceCallback",
     "TraceExistsError",
@@ -44,6 +53,7 @@ __all__ = [
     "TraceTrainError",
     "TraceWriteError",
     "UnknownLayerError",
+    "UntrustedCodeError",
     "__version__",
     "convert_batchnorm",
     "set_ghost_mask",

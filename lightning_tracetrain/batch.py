@@ -9,6 +9,9 @@ attributes. :class:`IndexedDataset` turns any ``(x, y)`` dataset into this shape
 from __future__ import annotations
 
 import copy
+import copyreg
+import functools
+import sys
 from collections.abc import Mapping
 from typing import Any
 
@@ -67,11 +70,9 @@ class IndexedDataset(Dataset):
 
 
 def is_graph_item(item: Any) -> bool:
-    try:
-        from torch_geometric.data import Data
-    except ImportError:  # pragma: no cover - torch-geometric is a dependency
-        return False
-    return isinstance(item, Data)
+    """A PyG ``Data`` object (PyG is loaded whenever one exists, so this never imports it)."""
+    data = sys.modules.get("torch_geometric.data")
+    return data is not None and isinstance(item, data.Data)
 
 
 def loader_class(dataset: Any) -> type:
@@ -86,28 +87,6 @@ def loader_class(dataset: Any) -> type:
     return DataLoader
 
 
-_GRAPH_CLASSES: dict[type, type] = {}
-
-
-def _indexed_graph(data: Any, index: Tensor, ghost: Tensor | None = None) -> Any:
-    """A shallow copy of a PyG graph with ``index`` set, collated as plain ids.
-
-    PyG offsets every attribute whose name contains "index" by the number of
-    nodes when batching (it takes them for edge indices); the subclass turns
-    that off for ``index`` alone.
-    """
-    cls = type(data)
-    if cls not in _GRAPH_CLASSES and not getattr(cls, "_plain_index", False):
-        _GRAPH_CLASSES[cls] = type(f"Indexed{cls.__name__}", (_PlainIndex, cls), {"__module__": __name__})
-        globals()[_GRAPH_CLASSES[cls].__name__] = _GRAPH_CLASSES[cls]  # picklable for DataLoader workers
-    out = copy.copy(data)
-    object.__setattr__(out, "__class__", _GRAPH_CLASSES.get(cls, cls))  # Data.__setattr__ would store it
-    out.index = index.view(1)
-    if ghost is not None:
-        out.ghost = ghost.view(1)
-    return out
-
-
 class _PlainIndex:
     """Mixin for PyG ``Data`` classes: ``index`` holds dataset ids, concatenated without offsets."""
 
@@ -120,15 +99,53 @@ class _PlainIndex:
         return 0 if key == "index" else super().__cat_dim__(key, value, *args, **kwargs)  # type: ignore[misc]
 
 
-def _get(batch: Any, key: str) -> Any:
+@functools.cache
+def indexed_graph_class(base: type) -> type:
+    """The subclass of a PyG ``Data`` class whose ``index`` PyG collates as plain ids.
+
+    PyG offsets every attribute whose name contains "index" by the number of nodes when batching
+    (it takes them for edge indices); the subclass turns that off for ``index`` alone. Its metaclass
+    pickles it as "the indexed class of ``base``", so DataLoader workers and PyG's own ``Batch``
+    classes built on it pickle without registering anything in a module.
+    """
+    meta = _indexed_meta(type(base))
+    return meta(f"Indexed{base.__name__}", (_PlainIndex, base), {"__module__": __name__})
+
+
+@functools.cache
+def _indexed_meta(base_meta: type) -> type:
+    meta = type(f"_Indexed{base_meta.__name__}", (base_meta,), {})
+    copyreg.pickle(meta, lambda cls: (indexed_graph_class, (cls.__bases__[1],)))
+    return meta
+
+
+def _indexed_graph(data: Any, index: Tensor, ghost: Tensor | None = None) -> Any:
+    """A shallow copy of a PyG graph with ``index`` (and ``ghost``) set, collated as plain ids."""
+    cls = type(data)
+    out = copy.copy(data)
+    if not getattr(cls, "_plain_index", False):
+        object.__setattr__(out, "__class__", indexed_graph_class(cls))  # Data.__setattr__ would store it
+    out.index = index.view(1)
+    if ghost is not None:
+        out.ghost = ghost.view(1)
+    return out
+
+
+def batch_field(batch: Any, key: str) -> Any:
+    """``batch[key]`` of a mapping, ``batch.key`` of a PyG ``Batch``; None when absent."""
     if isinstance(batch, Mapping):
         return batch.get(key)
     return getattr(batch, key, None)
 
 
+def batch_inputs(batch: Any) -> Any:
+    """What the model's ``forward`` takes: ``batch["x"]`` of a mapping, the whole PyG ``Batch`` otherwise."""
+    return batch["x"] if isinstance(batch, Mapping) else batch
+
+
 def batch_index(batch: Any) -> Tensor:
     """The dataset ids of a batch's examples as a 1-d int64 tensor."""
-    index = _get(batch, "index")
+    index = batch_field(batch, "index")
     if not isinstance(index, Tensor):
         kind = "mapping without 'index'" if isinstance(batch, Mapping) else f"{type(batch).__name__} without `index`"
         raise MissingIndexError(
@@ -143,7 +160,7 @@ def batch_index(batch: Any) -> Tensor:
 
 def batch_labels(batch: Any, num_examples: int) -> Tensor | None:
     """The labels of a batch as ``(num_examples, ...)``, or None when the batch has no ``y``."""
-    y = _get(batch, "y")
+    y = batch_field(batch, "y")
     if not isinstance(y, Tensor):
         return None
     if y.numel() == num_examples:
@@ -153,7 +170,7 @@ def batch_labels(batch: Any, num_examples: int) -> Tensor | None:
 
 def batch_ghost(batch: Any, num_examples: int) -> Tensor:
     """The ghost mask of a batch (all False when the batch has no ``ghost`` entry)."""
-    ghost = _get(batch, "ghost")
+    ghost = batch_field(batch, "ghost")
     if ghost is None:
         return torch.zeros(num_examples, dtype=torch.bool)
     return torch.as_tensor(ghost, dtype=torch.bool).reshape(num_examples)

@@ -35,3 +35,7 @@ class TraceFormatError(TraceTrainError, ValueError):
 
 class TraceWriteError(TraceTrainError, OSError):
     """Writing the trace failed (full disk, lost permissions); committed steps stay readable."""
+
+
+class UntrustedCodeError(TraceTrainError, PermissionError):
+    """A trace or checkpoint asks to import or unpickle code that the user has not said to trust."""

@@ -13,21 +13,12 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_tracetrain import IndexedDataset
+from lightning_tracetrain.trainer import quiet_trainer as _quiet_trainer
 
 
 def quiet_trainer(**kwargs: Any) -> pl.Trainer:
-    """A CPU Trainer without logger, progress bar, checkpoints or model summary."""
-    defaults: dict[str, Any] = dict(
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-    )
-    defaults.update(kwargs)
-    return pl.Trainer(**defaults)
+    """The library's quiet Trainer, on the CPU unless a test asks otherwise."""
+    return _quiet_trainer(**{"accelerator": "cpu", **kwargs})
 
 
 def image_loader(n: int = 40, batch_size: int = 8, seed: int = 0, shuffle: bool = True) -> DataLoader:
@@ -60,21 +51,51 @@ class TinyCNN(pl.LightningModule):
 
 
 class Snapshots(pl.Callback):
-    """Keeps a copy of every parameter after every optimizer step (index k: after k steps)."""
+    """Keeps a copy of every parameter after every optimizer step (key k: after k steps, a resumed run included)."""
 
     def __init__(self) -> None:
-        self.states: list[dict[str, Tensor]] = []
+        self.states: dict[int, dict[str, Tensor]] = {}
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.states = [self._state(pl_module)]
+        self.states = {trainer.global_step: self._state(pl_module)}
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
-        while len(self.states) <= trainer.global_step:
-            self.states.append(self._state(pl_module))
+        self.states[trainer.global_step] = self._state(pl_module)
 
     @staticmethod
     def _state(module: nn.Module) -> dict[str, Tensor]:
         return {k: v.detach().clone() for k, v in module.named_parameters()}
+
+
+def assert_matches_snapshots(
+    trace: Any, snapshots: dict[int, dict[str, Tensor]], atol: float = 1e-6, bound: dict[str, Tensor] | None = None
+) -> None:
+    """The trace's weights after every step ``k`` of ``snapshots`` (from cumulative sums: one read per layer)
+    equal the snapshot, within ``atol`` or, per parameter, the elementwise ``bound`` (compact traces)."""
+    for layer in trace.layers:
+        initial = trace.initial(layer)
+        for param, deltas in trace.deltas(layer).items():
+            weights = torch.cat([initial[param][None].double(), initial[param].double() + deltas.double().cumsum(0)])
+            key = f"{layer}.{param}"
+            for k, state in snapshots.items():
+                error = (weights[k] - state[key].double()).abs()
+                limit = atol if bound is None else bound[key].double() + atol
+                assert bool((error <= limit).all()), (key, k, float((error - limit).max()))
+
+
+def replay_error_feedback(deltas: Tensor, keepbits: int) -> Tensor:
+    """What ``storage="compact"`` stores for exact ``deltas`` (steps first): round(delta + carry), carrying the
+    rounding error to the next step (float32, as the writer does)."""
+    import numcodecs
+    import numpy as np
+
+    rounder, carry, out = numcodecs.BitRound(keepbits), np.zeros(deltas.shape[1:], np.float32), []
+    for d in deltas.float().numpy():
+        value = d + carry
+        stored = rounder.encode(value).view(np.float32).reshape(value.shape)
+        carry = value - stored
+        out.append(stored)
+    return torch.from_numpy(np.stack(out))
 
 
 def assert_reconstructs(trace: Any, module: nn.Module, atol: float = 1e-5) -> None:
@@ -85,6 +106,34 @@ def assert_reconstructs(trace: Any, module: nn.Module, atol: float = 1e-5) -> No
         for param, value in final.items():
             expected = getattr(modules[layer], param).detach()
             torch.testing.assert_close(value, expected, atol=atol, rtol=1e-5, msg=f"{layer}.{param}")
+
+
+class PlainNet(pl.LightningModule):
+    """Conv -> ReLU -> Linear(36, 32) -> ReLU -> Linear(32, 3) on 1x6x6 images, plain SGD (every storage mode).
+
+    With ``storage="factored"`` and batches of 8, ``fc`` is stored as per-example factors (8 x (36 + 32) < 36 x 32)
+    and ``head`` is not (8 x (32 + 3) > 32 x 3).
+    """
+
+    def __init__(self, momentum: float = 0.0, penalty: float = 0.0, bias_lr: float | None = None) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3, stride=2, padding=1)
+        self.fc = nn.Linear(36, 32)
+        self.head = nn.Linear(32, 3)
+        self.momentum, self.penalty, self.bias_lr = momentum, penalty, bias_lr
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(F.relu(self.fc(F.relu(self.conv(x)).flatten(1))))
+
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        loss = F.cross_entropy(self(batch["x"]), batch["y"])
+        return loss + self.penalty * self.fc.weight.pow(2).sum()
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        if self.bias_lr is None:
+            return torch.optim.SGD(self.parameters(), lr=0.1, momentum=self.momentum)
+        rest = [p for n, p in self.named_parameters() if n != "fc.bias"]
+        return torch.optim.SGD([{"params": rest}, {"params": [self.fc.bias], "lr": self.bias_lr}], lr=0.1)
 
 
 class TinyGNN(pl.LightningModule):
@@ -129,6 +178,57 @@ def tiny_graphs(n: int = 12) -> list[Any]:
 @pytest.fixture
 def make_trainer() -> Callable[..., pl.Trainer]:
     return quiet_trainer
+
+
+@pytest.fixture(scope="session")
+def s3() -> Any:
+    """An S3-compatible server (moto) on 127.0.0.1 with a bucket ``traces``; the environment points boto at it.
+
+    The server runs in a process of its own (as a real one would), so it does not compete with the
+    tests for the interpreter. Yields the storage options that reach it; skips without moto or s3fs.
+    """
+    pytest.importorskip("moto.server", reason="moto[server] is a dev dependency (pip install -e .[dev])")
+    s3fs = pytest.importorskip("s3fs", reason="s3fs is needed for s3:// traces (pip install -e .[s3])")
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    endpoint = f"http://127.0.0.1:{port}"
+    server = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            urllib.request.urlopen(f"{endpoint}/moto-api/", timeout=1).close()
+            break
+        except OSError:
+            if server.poll() is not None or time.monotonic() > deadline:
+                server.kill()
+                pytest.fail("the moto S3 server did not start")
+            time.sleep(0.1)
+    try:
+        with pytest.MonkeyPatch.context() as mp:
+            for key, value in {
+                "AWS_ENDPOINT_URL": endpoint,
+                "AWS_ACCESS_KEY_ID": "testing",
+                "AWS_SECRET_ACCESS_KEY": "testing",
+                "AWS_DEFAULT_REGION": "us-east-1",
+            }.items():
+                mp.setenv(key, value)
+            s3fs.S3FileSystem.clear_instance_cache()
+            s3fs.S3FileSystem().mkdir("traces")
+            yield {"endpoint_url": endpoint, "key": "testing", "secret": "testing"}
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
 
 
 def make_fake_ogbg_ppa(root: Any, n_graphs: int = 60, seed: int = 0) -> Any:

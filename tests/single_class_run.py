@@ -3,7 +3,8 @@
 Usage: python tests/single_class_run.py OUT --devices 2
 
 Each rank writes OUT/rank{r}.json: per step, the class and the real and ghost
-ids it trained on. Rank 0 also records a trace at OUT/trace.
+ids it trained on. Rank 0 also records a trace at OUT/trace and saves the final
+weights to OUT/final.pt.
 """
 
 from __future__ import annotations
@@ -19,9 +20,8 @@ from torch import Tensor, nn
 from torch.utils.data import TensorDataset
 
 from lightning_tracetrain import TraceCallback
-from lightning_tracetrain.datamodule import SingleClassBatchesMixin
 from lightning_tracetrain.functional import real_cross_entropy
-from lightning_tracetrain.ghost import GhostBatchNorm1d
+from lightning_tracetrain.singleclass import GhostBatchNorm1d, SingleClassBatchesMixin
 
 
 class Blobs(SingleClassBatchesMixin, pl.LightningDataModule):
@@ -79,7 +79,10 @@ def main() -> None:
         enable_model_summary=False,
         callbacks=[TraceCallback(args.out / "trace")],
     )
-    trainer.fit(Net(str(args.out)), Blobs())
+    model = Net(str(args.out))
+    trainer.fit(model, Blobs())
+    if trainer.is_global_zero:  # the weights the trace must add up to
+        torch.save({k: v.detach().clone() for k, v in model.named_parameters()}, args.out / "final.pt")
 
 
 if __name__ == "__main__":

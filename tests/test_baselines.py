@@ -10,7 +10,7 @@ from conftest import TinyCNN, image_loader, quiet_trainer
 from torch.utils.data import DataLoader
 
 from lightning_tracetrain import Trace, TraceCallback
-from lightning_tracetrain.baselines.representer import RepresenterPoints
+from lightning_tracetrain.baselines import RepresenterPoints
 from lightning_tracetrain.baselines.tracin import TracIn, epoch_checkpoints
 
 

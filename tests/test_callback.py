@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import re
+import time
 from typing import Any
 
 import lightning.pytorch as pl
@@ -12,7 +13,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 import zarr
-from conftest import Snapshots, TinyCNN, TinyGNN, assert_reconstructs, image_loader, quiet_trainer, tiny_graphs
+from conftest import (
+    Snapshots,
+    TinyCNN,
+    TinyGNN,
+    assert_matches_snapshots,
+    assert_reconstructs,
+    image_loader,
+    quiet_trainer,
+    tiny_graphs,
+)
 from lightning.pytorch.plugins import MixedPrecision
 from torch import Tensor
 from torch.utils.data import DataLoader, TensorDataset
@@ -29,7 +39,7 @@ from lightning_tracetrain import (
 )
 
 
-@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])  # momentum and Adam: a delta is still the weights' change
 def test_initial_plus_deltas_equals_final_and_snapshots(tmp_path, optimizer):
     torch.manual_seed(0)
     model, snaps = TinyCNN(optimizer=optimizer), Snapshots()
@@ -41,11 +51,8 @@ def test_initial_plus_deltas_equals_final_and_snapshots(tmp_path, optimizer):
     assert trace.num_steps == trainer.global_step == 18
     assert "bias" not in trace.initial("head")
     assert_reconstructs(trace, model)
-    for k in (0, 1, 5, 11, 18):
-        weights = trace.weights_at(k)
-        for layer, params in weights.items():
-            for param, value in params.items():
-                torch.testing.assert_close(value, snaps.states[k][f"{layer}.{param}"], atol=1e-6, rtol=1e-5)
+    assert_matches_snapshots(trace, snaps.states)  # after every step
+    torch.testing.assert_close(trace.weights_at(11)["fc"]["weight"], snaps.states[11]["fc.weight"])
     # the step deltas are the differences of consecutive snapshots
     d = trace.deltas("conv", 3, 5)["weight"]
     torch.testing.assert_close(d[1], snaps.states[5]["conv.weight"] - snaps.states[4]["conv.weight"])
@@ -83,18 +90,20 @@ def test_step_metadata(tmp_path):
 
 
 def test_datamodule_is_recorded(tmp_path):
-    from lightning_tracetrain.data import DigitsDataModule
-    from lightning_tracetrain.models import DigitsCNN
+    from lightning_tracetrain.workloads.data import DigitsDataModule
+    from lightning_tracetrain.workloads.models import DigitsCNN
 
     dm = DigitsDataModule(batch_size=64, seed=3)
     trainer = quiet_trainer(max_steps=3, callbacks=[TraceCallback(tmp_path / "t", layers="net.fc*")])
     trainer.fit(DigitsCNN(channels=4, hidden=8), dm)
     trace = Trace(tmp_path / "t")
     assert trace.layers == ["net.fc1", "net.fc2"]
-    assert trace.datamodule.class_path == "lightning_tracetrain.data.digits.DigitsDataModule"
+    assert trace.datamodule.class_path == "lightning_tracetrain.workloads.data.digits.DigitsDataModule"
     assert trace.datamodule.init_args["seed"] == 3 and trace.datamodule.init_args["batch_size"] == 64
     assert trace.module.init_args["channels"] == 4
-    assert "net.fc1" in trace.summary() and "3" in trace.summary()
+    summary = trace.summary()
+    assert "steps   3 (epochs 1, skipped 0)" in summary
+    assert "net.fc1                  Linear     weight 8x128, bias 8" in summary
 
 
 def test_gradient_accumulation_records_every_optimizer_step(tmp_path):
@@ -251,16 +260,29 @@ def test_commit_on_timer_without_full_chunk(tmp_path):
 
     class Probe(pl.Callback):
         def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
-            if trainer.global_step == 3:
-                import time
+            if trainer.global_step == 3:  # training waits here until the timer committed the 3 steps (or 60 s)
+                seen.append(_wait_for(lambda: _committed(tmp_path / "t") == 3))
 
-                time.sleep(0.5)
-                seen.append(int(zarr.open_group(str(tmp_path / "t"), mode="r").attrs["steps_committed"]))
-
-    cb = TraceCallback(tmp_path / "t", chunk_steps=100, commit_every_s=0.1)
+    cb = TraceCallback(tmp_path / "t", chunk_steps=100, commit_every_s=0.05)
     quiet_trainer(max_steps=5, callbacks=[cb, Probe()]).fit(TinyCNN(), image_loader())
-    assert seen == [3]
+    assert seen == [True]  # a chunk of 100 steps was far from full: only the timer commits
     assert Trace(tmp_path / "t").num_steps == 5
+
+
+def _committed(path: Any) -> int:
+    try:
+        return int(zarr.open_group(str(path), mode="r").attrs["steps_committed"])
+    except FileNotFoundError:
+        return -1
+
+
+def _wait_for(ready: Any, timeout: float = 60.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while not ready():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
 
 
 def test_resume_refuses_a_trace_that_is_not_the_checkpoints_own(tmp_path):

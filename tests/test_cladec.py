@@ -11,7 +11,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_tracetrain import IndexedDataset
 from lightning_tracetrain.baselines.cladec import ClaDec, encode, reconstruct_all
-from lightning_tracetrain.models.cnn import DigitsCNN
+from lightning_tracetrain.workloads.models import DigitsCNN
 
 
 def _data(n: int = 64) -> IndexedDataset:

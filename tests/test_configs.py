@@ -5,12 +5,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 from conftest import make_fake_ogbg_ppa
 
 from lightning_tracetrain import Trace
-from lightning_tracetrain.__main__ import cli_main
-from lightning_tracetrain.explain import main as explain_main
+from lightning_tracetrain.explain.cli import main as explain_main
+from lightning_tracetrain.lightning_cli import cli_main
 
 CONFIGS = Path(__file__).parents[1] / "configs"
 pytestmark = pytest.mark.slow
@@ -25,6 +26,13 @@ def _fit_and_explain(name: str, overrides: list[str]) -> tuple[Trace, dict]:
     return Trace(Path("runs", name, "trace")), doc
 
 
+def _single_class_steps(trace: Trace, batch_size: int) -> int:
+    """Steps of one epoch of single-class batches: every class's examples in ceil(n_c / batch_size) batches."""
+    real = ~trace.examples.ghost
+    counts = np.bincount(trace.examples.label[real], minlength=1)
+    return int(sum(-(-int(n) // batch_size) for n in counts if n))
+
+
 def _assert_exact(doc: dict) -> None:
     for query in doc["queries"]:
         for layer in query["layers"].values():
@@ -34,8 +42,8 @@ def _assert_exact(doc: dict) -> None:
 def test_digits_config(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     trace, doc = _fit_and_explain("digits", ["--trainer.max_epochs", "1"])
-    assert trace.num_steps == 40 and (trace.steps.label >= 0).all()
-    assert trace.module.class_path == "lightning_tracetrain.models.cnn.DigitsCNN"
+    assert trace.num_steps == _single_class_steps(trace, batch_size=32) and (trace.steps.label >= 0).all()
+    assert trace.module.class_path == "lightning_tracetrain.workloads.models.cnn.DigitsCNN"
     assert trace.module.init_args["ghost_batch_norm"] is True and "_class_path" not in trace.module.init_args
     _assert_exact(doc)
 
@@ -48,12 +56,12 @@ def test_digits_factored_config_attributes_mixed_batches_exactly(tmp_path, monke
     shares = {name: layer["example_shares"] for name, layer in doc["queries"][0]["layers"].items()}
     assert shares == {n: "exact" if n == "net.fc1" else "equal split of each step" for n in trace.layers}
     _assert_exact(doc)
-    # benchmarks/ use the same workload without LightningCLI
-    from lightning_tracetrain.evaluate import digits_factored_workload
+    # benchmarks/ build the same workload from the same YAML without LightningCLI
+    from lightning_tracetrain.workloads.config import build
 
-    model, datamodule = digits_factored_workload()
-    assert trace.module.init_args == {**trace.module.init_args, **dict(model.hparams)}
-    assert trace.datamodule is not None and dict(datamodule.hparams).items() <= trace.datamodule.init_args.items()
+    model, datamodule = build("digits_factored")
+    assert trace.module.init_args == dict(model.hparams)
+    assert trace.datamodule is not None and trace.datamodule.init_args == dict(datamodule.hparams)
 
 
 def test_cifar10_vgg16_config_on_a_stand_in_of_cifar_shape(tmp_path, monkeypatch):
@@ -87,7 +95,7 @@ def test_ogbg_ppa_configs_on_a_fake_ogb_directory(tmp_path, monkeypatch, name, c
 
 
 def test_ogbg_ppa_without_its_files_says_where_to_put_them(tmp_path):
-    from lightning_tracetrain.data.ogbg_ppa import load_ogbg_ppa
+    from lightning_tracetrain.workloads.data.ogbg_ppa import load_ogbg_ppa
 
     with pytest.raises(FileNotFoundError, match=r"ogbg-ppa is not at .*ogbg_ppa.*RELEASE_v1.txt.*--data.root"):
         load_ogbg_ppa(tmp_path)

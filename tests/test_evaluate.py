@@ -8,10 +8,11 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from lightning_tracetrain.baselines.representer import RepresenterPoints
-from lightning_tracetrain.data.base import flip_labels
-from lightning_tracetrain.data.digits import DigitsDataModule
-from lightning_tracetrain.evaluate import detection_rate, evaluate, identical_class
+from lightning_tracetrain.baselines import RepresenterPoints
+from lightning_tracetrain.workloads.data import DigitsDataModule
+from lightning_tracetrain.workloads.data.base import flip_labels
+from lightning_tracetrain.workloads.evaluate import EvaluateArguments, evaluate
+from lightning_tracetrain.workloads.metrics import detection_rate, identical_class
 
 
 def test_identical_class_by_hand():
@@ -67,7 +68,9 @@ def test_representer_with_label_targets_scores_self_influence_from_alpha():
 
 
 def test_evaluate_end_to_end_on_a_short_run(tmp_path):
-    result = evaluate(tmp_path, epochs=1, queries=12, cladec_epochs=1, log=lambda s: None)
+    result = evaluate(
+        EvaluateArguments(str(tmp_path), epochs=1, queries=12, cladec_epochs=1, classifier_epochs=1), log=lambda s: None
+    )
     layers = ["net.conv1", "net.conv2", "net.fc1", "net.fc2"]
     expected = {f"ours {lay} ({s})" for lay in layers for s in ("gamma", "cosine")}
     expected |= {f"TracIn {lay} ({s})" for lay in layers for s in ("dot", "cosine")} | {"Representer Points"}
@@ -77,7 +80,9 @@ def test_evaluate_end_to_end_on_a_short_run(tmp_path):
     assert all(0.0 <= v <= 1.0 for v in result["identical_class"].values())
     # 12 queries: every share is a multiple of 1/12
     assert all(abs(v * 12 - round(v * 12)) < 1e-9 for v in result["identical_class"].values())
-    assert result["flipped"] == 126
+    noisy = DigitsDataModule(label_noise=0.1)
+    noisy.setup("fit")
+    assert result["flipped"] == round(0.1 * len(noisy.train_dataset)) == len(noisy.flipped)
     rates = result["mislabel_detection"]
     assert all(r["top 10%"] <= r["top 20%"] <= 1.0 for r in rates.values())
     assert set(result["cladec"]) == {"ClaDec alpha=0", "ClaDec alpha=0.1", "reference autoencoder"}

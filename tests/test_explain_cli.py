@@ -10,38 +10,57 @@ import sys
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 from conftest import quiet_trainer
 
-from lightning_tracetrain import Trace, demo
-from lightning_tracetrain.data import DigitsDataModule
-from lightning_tracetrain.explain import main as explain_main
-from lightning_tracetrain.models import DigitsCNN
+from lightning_tracetrain import Trace
+from lightning_tracetrain.explain.cli import main as explain_main
+from lightning_tracetrain.workloads import demo
+from lightning_tracetrain.workloads.data import DigitsDataModule
+from lightning_tracetrain.workloads.demo import DemoResult
+from lightning_tracetrain.workloads.models import DigitsCNN
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory) -> Path:
+def demo_run(tmp_path_factory) -> tuple[Path, DemoResult]:
     """`make demo`'s job (configs/digits.yaml through LightningCLI), one epoch, in a fresh folder."""
     folder = tmp_path_factory.mktemp("digits")
     config = Path(__file__).parents[1] / "configs" / "digits.yaml"
     cwd = os.getcwd()
     os.chdir(folder)
     try:
-        demo.main(["--config", str(config), "--epochs", "1", "--queries", "0", "1"])
+        result = demo.main(["--config", str(config), "--epochs", "1", "--queries", "0", "1"])
     finally:
         os.chdir(cwd)
-    return folder / "runs" / "digits"
+    return folder / "runs" / "digits", result
 
 
-def test_demo_trains_traces_explains_and_reports(run):
+@pytest.fixture(scope="module")
+def run(demo_run) -> Path:
+    return demo_run[0]
+
+
+def test_demo_trains_traces_explains_and_reports(demo_run):
+    run, result = demo_run
     trace = Trace(run / "trace")
-    assert trace.num_steps == 40  # 1257 training digits, 10 classes of 124-127: 4 single-class batches each
+    datamodule = DigitsDataModule(**trace.datamodule.init_args)
+    datamodule.setup("fit")
+    per_class = np.bincount([int(datamodule.train_dataset[i]["y"]) for i in range(len(datamodule.train_dataset))])
+    assert trace.num_steps == sum(-(-n // 32) for n in per_class)  # every class in batches of at most 32
     assert (trace.steps.label >= 0).all() and len(trace.ghost_examples(0)) == 10
     doc = json.loads((run / "explanations" / "influence.json").read_text())
+    assert doc == json.loads(json.dumps(result.influence))
     assert [q["query"] for q in doc["queries"]] == [0, 1]
     assert (run / "explanations" / "report.html").stat().st_size > 100_000  # plotly is inlined
+    # class specificity over the whole test set: a share per layer, the logit layer the most class-specific
+    spec = result.specificity
+    assert spec is not None and spec["queries"] == len(datamodule.test_dataset)
+    shares = {name: s["mean"] for name, s in spec["layers"].items()}
+    assert list(shares) == trace.layers and all(0.0 <= v <= 1.0 for v in shares.values())
+    assert shares["net.fc2"] == max(shares.values()) > spec["share_of_steps_of_the_predicted_class"]
 
 
 def test_cli_writes_the_documented_influence_json(run, tmp_path):
@@ -66,7 +85,13 @@ def test_cli_writes_the_documented_influence_json(run, tmp_path):
         ]
     )
     assert json.loads((out / "influence.json").read_text()) == json.loads(json.dumps(doc))
-    assert doc["cladec"] == {"layer": "net.fc1", "alpha": 0.0, "epochs": 1}
+    cladec = doc["cladec"]
+    settings = {k: v for k, v in cladec.items() if k != "reconstructions"}
+    assert settings == {"layer": "net.fc1", "alpha": 0.0, "epochs": 1}
+    assert set(cladec["reconstructions"]) == {"0", "7"}
+    for pictures in cladec["reconstructions"].values():  # 8x8 images from both decoders
+        assert set(pictures) == {"ClaDec alpha=0", "reference autoencoder"}
+        assert all(np.asarray(p).shape == (8, 8) for p in pictures.values())
     report = (out / "report.html").read_text()
     assert report.count("ClaDec alpha=0\\u003cbr\\u003efrom net.fc1") == 2  # one per query, beside it
     assert report.count("reference autoencoder\\u003cbr\\u003efrom net.fc1") == 2
@@ -166,15 +191,25 @@ def test_cli_names_bad_input(run, tmp_path, capsys):
     trainer = quiet_trainer(max_steps=1)
     trainer.fit(other, DigitsDataModule())
     trainer.save_checkpoint(tmp_path / "other.ckpt")
+    twin = DigitsCNN(**Trace(run / "trace").module.init_args)  # the same architecture, another run's weights
+    trainer = quiet_trainer(max_steps=1)
+    trainer.fit(twin, DigitsDataModule(single_class=True, ghost_size=10))
+    trainer.save_checkpoint(tmp_path / "twin.ckpt")
     for argv, message in [
         ([*base, "--layers", "net.bn1"], "'net.bn1' was not traced"),
         ([*base, "--queries", "360"], "Query 360 is out of range: the test set of DigitsDataModule has 360 examples"),
-        (["--ckpt", str(tmp_path / "other.ckpt"), *base[2:]], "the checkpoint and the trace are from different models"),
+        (["--ckpt", str(tmp_path / "other.ckpt"), *base[2:]], "the checkpoint and the trace are of different models"),
+        (["--ckpt", str(tmp_path / "twin.ckpt"), *base[2:]], "the checkpoint and the trace are from different models"),
+        (["--ckpt", str(tmp_path / "missing.ckpt"), *base[2:]], "No checkpoint at"),
+        ([*base, "--top-k", "-1"], "--top-k must be 0 or more, got -1"),
+        ([*base, "--bandwidth", "0"], "--bandwidth must be positive, got 0.0"),
+        ([*base, "--devices", "two"], "--devices must be a number of devices or 'auto'"),
     ]:
         with pytest.raises(SystemExit) as exit_info:
             explain_main(argv)
         assert exit_info.value.code == 2
-        assert message in capsys.readouterr().err
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err, err
 
 
 def _assert_same(a, b, path=""):
@@ -206,3 +241,67 @@ def test_two_processes_give_the_same_influence_json_as_one(run, tmp_path):
     assert proc.stdout.count("wrote") == 1  # rank 0 alone writes
     two = json.loads((tmp_path / "two" / "influence.json").read_text())
     _assert_same(one, two)
+
+
+PAYLOAD = """
+from pathlib import Path
+
+Path(__file__).with_name("imported.txt").write_text("the trace ran my code")
+
+from lightning_tracetrain.workloads.models import DigitsCNN
+
+
+class Model(DigitsCNN):
+    pass
+"""
+
+
+class _Payload:
+    """An object whose unpickling would write a file (what a malicious checkpoint holds)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return (Path.write_text, (Path(self.path), "the checkpoint ran my code"))
+
+
+def test_untrusted_traces_and_checkpoints_run_no_code(run, tmp_path, capsys, monkeypatch):
+    """A trace naming a module outside the package is refused before anything is imported, and a checkpoint
+    holding more than tensors and plain data is refused before anything is unpickled."""
+    import torch
+    import zarr
+
+    code = tmp_path / "code"
+    code.mkdir()
+    (code / "evil_payload.py").write_text(PAYLOAD)
+    monkeypatch.syspath_prepend(str(code))  # importable: only the trust check stands in the way
+    trace = tmp_path / "trace"
+    shutil.copytree(run / "trace", trace)
+    group = zarr.open_group(str(trace), mode="r+")
+    group.attrs.update({"module": {**group.attrs["module"], "class_path": "evil_payload.Model"}})
+    argv = ["--ckpt", str(run / "checkpoints" / "last.ckpt"), "--trace", str(trace), "--out", str(tmp_path / "out")]
+
+    with pytest.raises(SystemExit) as exit_info:
+        explain_main(argv)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "Traceback" not in err
+    assert "evil_payload.Model" in err and "--trust-module evil_payload" in err and "--trust-trace" in err
+    assert not (code / "imported.txt").exists() and "evil_payload" not in sys.modules
+
+    checkpoint = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)
+    checkpoint["note"] = _Payload(str(tmp_path / "unpickled.txt"))
+    torch.save(checkpoint, tmp_path / "payload.ckpt")
+    with pytest.raises(SystemExit) as exit_info:
+        explain_main(["--ckpt", str(tmp_path / "payload.ckpt"), *argv[2:], "--trust-module", "evil_payload"])
+    err = capsys.readouterr().err
+    assert (
+        exit_info.value.code == 2
+        and "holds objects other than tensors and plain data" in err
+        and "--trust-trace" in err
+    )
+    assert not (tmp_path / "unpickled.txt").exists()
+    assert not (code / "imported.txt").exists()  # the model class is imported only after the checkpoint passed
+
+    doc = explain_main([*argv, "--trust-module", "evil_payload", "--queries", "0"])  # the user's explicit trust
+    assert (code / "imported.txt").exists() and doc["model"] == "evil_payload.Model"

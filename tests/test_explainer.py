@@ -2,17 +2,29 @@
 
 from __future__ import annotations
 
+import pickle
+import shutil
+
 import numpy as np
 import pytest
 import torch
+import zarr
 from conftest import TinyCNN, TinyGNN, image_loader, quiet_trainer, tiny_graphs
 from torch import Tensor, nn
 from torch_geometric.data import Batch
 from torch_geometric.nn import GCNConv
 
-from lightning_tracetrain import IndexedDataset, Trace, TraceCallback, TraceFormatError, TraceMismatchError
+from lightning_tracetrain import (
+    IndexedDataset,
+    Trace,
+    TraceCallback,
+    TraceFormatError,
+    TraceMismatchError,
+    UnknownLayerError,
+)
 from lightning_tracetrain import functional as Fx
-from lightning_tracetrain.explainer import Explainer, class_attribution, example_attribution
+from lightning_tracetrain.explain import Explainer, class_attribution, example_attribution
+from lightning_tracetrain.explain.chunks import ChunkLoader, TraceChunks, split_ranges
 
 
 @pytest.mark.parametrize(
@@ -85,7 +97,7 @@ def test_a_batch_of_queries_equals_one_at_a_time(tiny):
 def test_algorithm_1_splits_each_steps_gamma_over_its_real_examples(tiny):
     model, trace, queries = tiny
     gamma = Explainer(model, trace, layers=["head"]).explain(queries[:1])["head"].gamma
-    scores, labels = example_attribution(trace, gamma, trace.num_steps)
+    scores, labels = example_attribution(trace.steps, trace.examples, gamma, trace.num_steps)
     expected = torch.zeros(40, dtype=torch.float64)
     for t in range(trace.num_steps):
         ids = trace.real_examples(t)
@@ -125,10 +137,10 @@ def test_the_gram_identity_is_used_only_where_it_pays():
     torch.manual_seed(0)
     conv, fc = nn.Conv2d(3, 5, 3, padding=1), nn.Linear(64, 10)
     deltas = {"weight": torch.randn(6, 5, 3, 3, 3), "bias": torch.randn(6, 5)}
-    assert Fx._gram_norms(conv, [torch.randn(1, 3, 6, 6)] * 5, deltas, 2**25) is not None
-    assert Fx._gram_norms(conv, [torch.randn(1, 3, 6, 6)] * 5, deltas, 50) is None  # over the memory budget
+    assert Fx.gram_norms(conv, [torch.randn(1, 3, 6, 6)] * 5, deltas, 2**25) is not None
+    assert Fx.gram_norms(conv, [torch.randn(1, 3, 6, 6)] * 5, deltas, 50) is None  # over the memory budget
     fc_deltas = {"weight": torch.randn(6, 10, 64), "bias": torch.randn(6, 10)}
-    assert Fx._gram_norms(fc, [torch.randn(1, 64)] * 5, fc_deltas, 2**25) is None
+    assert Fx.gram_norms(fc, [torch.randn(1, 64)] * 5, fc_deltas, 2**25) is None
 
 
 def test_graph_layers_are_explained_exactly(tmp_path):
@@ -147,13 +159,20 @@ def test_graph_layers_are_explained_exactly(tmp_path):
 
 
 def test_bad_input_is_named(tiny, tmp_path):
-    model, trace, _ = tiny
-    with pytest.raises(Exception, match=r"'nope' was not traced.*Traced layers: conv, fc, head"):
+    model, trace, queries = tiny
+    with pytest.raises(UnknownLayerError, match=r"'nope' was not traced.*Traced layers: conv, fc, head"):
         Explainer(model, trace, layers=["nope"])
-    other = TinyCNN()  # same architecture, other weights: a checkpoint of another run
-    with pytest.raises(TraceMismatchError, match="different models or runs"):
-        Explainer(other, trace)
-    quiet_trainer(max_steps=0, callbacks=[TraceCallback(tmp_path / "empty")]).fit(TinyCNN(), image_loader())
+    other = TinyCNN()  # same architecture, other weights: a checkpoint of another run, found by the pass itself
+    with pytest.raises(TraceMismatchError, match=r"Layer conv.weight .*different models or runs"):
+        Explainer(other, trace).explain(queries[:1])
+    smaller = nn.Sequential()
+    smaller.add_module("conv", nn.Conv2d(1, 2, 3))
+    with pytest.raises(TraceMismatchError, match=r"conv.weight of the model has shape \(2, 1, 3, 3\).*\(4, 1, 3, 3\)"):
+        Explainer(smaller, trace, layers=["conv"])  # shapes are checked before any pass
+    quiet_trainer(max_steps=0, callbacks=[TraceCallback(tmp_path / "none")]).fit(TinyCNN(), image_loader())
+    assert not (tmp_path / "none").exists()  # the trace is created at the first step: nothing is left behind
+    shutil.copytree(trace.path, tmp_path / "empty")
+    zarr.open_group(str(tmp_path / "empty"), mode="r+").attrs.update({"steps_committed": 0, "examples_committed": 0})
     with pytest.raises(TraceFormatError, match="no committed step"):
         Explainer(TinyCNN(), tmp_path / "empty")
 
@@ -168,34 +187,34 @@ def test_weighted_kde_integrates_to_one_and_follows_weights():
     assert np.isfinite(density.numpy()).all()
 
 
-def test_delta_chunks_give_every_device_work_and_cover_each_step_once():
-    from lightning_tracetrain.explainer import DeltaChunks
-
+def test_split_ranges_give_every_device_work_and_cover_each_step_once():
     for stop, chunk, devices in [(40, 57, 1), (40, 57, 2), (40, 57, 3), (120, 57, 2), (120, 57, 8), (5, 57, 5)]:
-        ranges = DeltaChunks("unused", [], stop, chunk, devices).ranges
-        assert len(ranges) >= devices
+        stored = [(a, min(a + chunk, stop)) for a in range(0, stop, chunk)]
+        ranges = split_ranges(stored, devices)
+        assert len(ranges) == max(devices, len(stored))
         assert [s for a, b in ranges for s in range(a, b)] == list(range(stop))
         assert all(b > a and a // chunk == (b - 1) // chunk for a, b in ranges)  # never across a stored chunk
-    assert len(DeltaChunks("unused", [], 120, 57, 1).ranges) == 3  # one item per stored chunk by default
     with pytest.raises(ValueError, match="fewer than the 4 devices"):
-        DeltaChunks("unused", [], 3, 57, 4)
+        split_ranges([(0, 3)], 4)
 
 
-def test_delta_chunks_read_ahead_returns_the_asked_chunk_in_any_order(tiny):
-    """Reading ahead (stride 1, a DDP stride, or an unforeseen order) never returns another chunk's data."""
-    from lightning_tracetrain.explainer import DeltaChunks
-
+def test_chunks_are_the_readers_chunks_and_read_ahead_returns_the_asked_chunk_in_any_order(tiny):
+    """Items follow the stored chunks; reading ahead (in order, with a DDP-like stride, or in an
+    unforeseen order) never returns another chunk's data."""
     _, trace, _ = tiny
-    chunks = DeltaChunks(str(trace.path), trace.layers, trace.num_steps, trace.spec.chunk_steps)
-    assert len(chunks) >= 3
+    chunks = TraceChunks(trace, trace.layers, trace.num_steps)
+    assert chunks.ranges == trace.chunk_ranges() and len(chunks) >= 3
     for order in ([*range(len(chunks))], [*range(0, len(chunks), 2)], [2, 0, 1, 1, len(chunks) - 1, 0]):
-        for i in order:
-            item = chunks[i]
-            start, stop = chunks.ranges[i]
-            assert (item["start"], item["stop"]) == (start, stop)
+        loader = ChunkLoader(chunks, batch_size=None, sampler=order)
+        items = list(loader)
+        assert [(item["start"], item["stop"]) for item in items] == [chunks.ranges[i] for i in order]
+        for item in items:
             for lay in trace.layers:
-                for p, d in trace.deltas(lay, start, stop).items():
-                    assert torch.equal(item["deltas"][lay][p], d)
+                deltas, factors = item["layers"][lay]
+                assert factors is None
+                for p, d in trace.deltas(lay, item["start"], item["stop"]).items():
+                    assert torch.equal(deltas[p], d)
+    assert pickle.loads(pickle.dumps(chunks)).trace.num_steps == trace.num_steps  # what worker processes get
 
 
 @pytest.mark.gpu

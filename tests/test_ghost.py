@@ -8,7 +8,7 @@ from torch import nn
 from torch_geometric.data import Batch, Data
 
 from lightning_tracetrain.functional import ghost_moments, real_cross_entropy
-from lightning_tracetrain.ghost import (
+from lightning_tracetrain.singleclass import (
     GhostBatchNorm1d,
     GhostBatchNorm2d,
     GhostBatchNormNodes,

@@ -7,7 +7,7 @@ from torch import nn
 from torch_geometric.nn import GCNConv, GINConv
 
 from lightning_tracetrain import UnknownLayerError
-from lightning_tracetrain.layers import layer_parameters, select_layers, traceable_layers
+from lightning_tracetrain.recording.layers import layer_parameters, select_layers, traceable_layers
 
 
 class Mixed(nn.Module):

@@ -15,34 +15,10 @@ import torch
 from conftest import TinyCNN, image_loader, quiet_trainer
 
 from lightning_tracetrain import Trace, TraceCallback, TraceFormatError
-from lightning_tracetrain.explainer import Explainer
-
-moto_server = pytest.importorskip("moto.server", reason="moto[server] is a dev dependency (pip install -e .[dev])")
-s3fs = pytest.importorskip("s3fs", reason="s3fs is needed for s3:// traces (pip install -e .[s3])")
+from lightning_tracetrain.explain import Explainer
 
 SCRIPT = Path(__file__).with_name("trace_run.py")
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def s3():
-    """An S3-compatible server on 127.0.0.1 with a bucket ``traces``; the environment points boto at it."""
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    endpoint = f"http://{host}:{port}"
-    with pytest.MonkeyPatch.context() as mp:
-        for key, value in {
-            "AWS_ENDPOINT_URL": endpoint,
-            "AWS_ACCESS_KEY_ID": "testing",
-            "AWS_SECRET_ACCESS_KEY": "testing",
-            "AWS_DEFAULT_REGION": "us-east-1",
-        }.items():
-            mp.setenv(key, value)
-        s3fs.S3FileSystem.clear_instance_cache()
-        s3fs.S3FileSystem().mkdir("traces")
-        yield {"endpoint_url": endpoint, "key": "testing", "secret": "testing"}
-    server.stop()
 
 
 def _committed(url: str) -> int:
@@ -94,6 +70,7 @@ def test_record_kill_and_resume_on_s3(s3, tmp_path):
 
 
 def test_explain_a_trace_on_s3_with_a_worker_process(s3, monkeypatch):
+    s3fs = pytest.importorskip("s3fs")
     monkeypatch.delenv("AWS_ENDPOINT_URL")  # only the explicit storage options know where the server is
     s3fs.S3FileSystem.clear_instance_cache()
     url = "s3://traces/explained/trace"
@@ -106,7 +83,7 @@ def test_explain_a_trace_on_s3_with_a_worker_process(s3, monkeypatch):
     explainer = Explainer(model.eval(), trace)
     explainer.set_queries([{"x": torch.randn(1, 1, 6, 6, generator=torch.Generator().manual_seed(q))} for q in (1, 2)])
     result = explainer.run(num_workers=1)  # a spawned worker reads the chunks with the trace's storage options
-    assert explainer.chunk_loader().dataset.storage_options == s3
+    assert explainer.chunk_loader().dataset.trace.storage_options == s3
     for attribution in result.values():
         assert float(attribution.residual.abs().max()) <= 1e-5
     with pytest.raises(ValueError, match="storage_options are for fsspec URLs"):

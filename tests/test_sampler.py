@@ -20,10 +20,13 @@ from torch import Tensor, nn
 from torch.utils.data import TensorDataset
 
 from lightning_tracetrain import Trace, TraceCallback
-from lightning_tracetrain.datamodule import SingleClassBatchesMixin
 from lightning_tracetrain.functional import real_cross_entropy
-from lightning_tracetrain.ghost import GhostBatchNorm1d
-from lightning_tracetrain.sampler import SingleClassBatchSampler, dataset_labels
+from lightning_tracetrain.singleclass import (
+    GhostBatchNorm1d,
+    SingleClassBatchesMixin,
+    SingleClassBatchSampler,
+    dataset_labels,
+)
 
 IMBALANCED = np.repeat(np.arange(4), [100, 7, 1, 40])  # like ogbg-ppa, some classes are tiny
 
@@ -173,7 +176,13 @@ def test_two_process_ddp_shares_the_class_sequence_on_disjoint_examples(tmp_path
         steps = slice(e * per_epoch, (e + 1) * per_epoch)
         ids = [i for s in rank0[steps] + rank1[steps] for i in s["real"]]
         assert sorted(ids) == list(range(52))
-    trace = Trace(tmp_path / "trace")  # rank 0 records both ranks' real and ghost ids
+    trace = Trace(tmp_path / "trace")  # rank 0 records both ranks' real and ghost ids, one record per step
     assert trace.num_steps == len(rank0)
-    assert sorted(trace.real_examples(0).tolist()) == sorted(rank0[0]["real"] + rank1[0]["real"])
-    assert len(trace.ghost_examples(0)) == 6
+    np.testing.assert_array_equal(trace.steps.global_step, np.arange(len(rank0)))
+    for t, (s0, s1) in enumerate(zip(rank0, rank1, strict=True)):
+        assert sorted(trace.real_examples(t).tolist()) == sorted(s0["real"] + s1["real"])
+        assert sorted(trace.ghost_examples(t).tolist()) == sorted(s0["ghost"] + s1["ghost"])
+    final = torch.load(tmp_path / "final.pt")  # rank 0's weights after the last step: what the trace adds up to
+    for layer in trace.layers:
+        for param, value in trace.final(layer).items():
+            torch.testing.assert_close(value, final[f"{layer}.{param}"], atol=1e-6, rtol=1e-5)

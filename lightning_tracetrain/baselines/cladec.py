@@ -28,7 +28,8 @@ from lightning.pytorch.utilities import move_data_to_device
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
-from lightning_tracetrain.models.classifier import Classifier
+from lightning_tracetrain.batch import batch_inputs
+from lightning_tracetrain.trainer import quiet_trainer
 
 
 class _Stop(Exception):
@@ -169,7 +170,7 @@ def reconstruct_all(cladec: ClaDec, batches: Iterable[Any]) -> tuple[Tensor, Ten
     xs, ys = [], []
     for batch in batches:
         batch = move_data_to_device(batch, cladec.device)
-        xs.append(cladec.reconstruct(Classifier.inputs(batch)).cpu())
+        xs.append(cladec.reconstruct(batch_inputs(batch)).cpu())
         ys.append(batch["y"].reshape(-1).cpu())
     return torch.cat(xs), torch.cat(ys)
 
@@ -196,10 +197,7 @@ def fit_decoders(
     for cladec in decoders.values():
         pl.seed_everything(seed, verbose=False)
         loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, generator=torch.Generator().manual_seed(seed))
-        trainer = pl.Trainer(
-            max_epochs=epochs, accelerator="auto", devices=1, logger=False, enable_checkpointing=False,
-            enable_progress_bar=False, enable_model_summary=False,
-        )  # fmt: skip
+        trainer = quiet_trainer(max_epochs=epochs)
         with warnings.catch_warnings():  # the frozen classifier is in eval mode on purpose
             warnings.filterwarnings("ignore", message=".*module\\(s\\) in eval mode.*")
             trainer.fit(cladec, loader)

@@ -18,7 +18,7 @@ import torch
 from lightning.pytorch.utilities import move_data_to_device
 from torch import Tensor, nn
 
-from lightning_tracetrain.models.classifier import Classifier
+from lightning_tracetrain.batch import batch_field, batch_inputs
 
 
 def last_linear(model: nn.Module) -> tuple[str, nn.Linear]:
@@ -41,8 +41,8 @@ def layer_features(model: nn.Module, layer: nn.Module, batches: Iterable[Any]) -
         model.eval()
         for batch in batches:
             batch = move_data_to_device(batch, device)
-            logits.append(model(Classifier.inputs(batch)).double())
-            y = Classifier._get(batch, "y")
+            logits.append(model(batch_inputs(batch)).double())
+            y = batch_field(batch, "y")
             labels.append(y.reshape(-1) if y is not None else torch.full((len(logits[-1]),), -1, device=device))
     finally:
         hook.remove()

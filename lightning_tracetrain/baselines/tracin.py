@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from lightning.pytorch.utilities import move_data_to_device
 from torch import Tensor, nn
 
-from lightning_tracetrain.models.classifier import Classifier
+from lightning_tracetrain.batch import batch_inputs
 from lightning_tracetrain.trace import Trace
 
 
@@ -78,7 +78,7 @@ class TracIn:
         grads: dict[str, list[Tensor]] = {layer: [] for layer in self.layers}
         for batch in batches:
             batch = move_data_to_device(batch, device)
-            x = Classifier.inputs(batch)
+            x = batch_inputs(batch)
             if not isinstance(x, Tensor):
                 raise NotImplementedError("TracIn here needs tensor inputs (per-example gradients by vmap).")
             with torch.no_grad():

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -15,47 +15,18 @@ from torch import Tensor
 from lightning_tracetrain import functional as Fx
 from lightning_tracetrain.exceptions import TraceFormatError, UnknownLayerError
 from lightning_tracetrain.trace import schema
-from lightning_tracetrain.trace.schema import ClassSpec, LayerSpec, TraceSpec
-
-
-@dataclass(frozen=True)
-class StepTable:
-    """Per-step metadata, one entry per recorded optimizer step (numpy arrays)."""
-
-    global_step: np.ndarray  # int64 (steps,)
-    epoch: np.ndarray  # int64 (steps,)
-    batch_idx: np.ndarray  # int64 (steps,)
-    skipped: np.ndarray  # bool (steps,): AMP skipped the step, its delta is zero
-    label: np.ndarray  # int64 (steps,): class of a single-class step (its real rows), -1 for mixed batches
-    lr: np.ndarray  # float64 (steps, param groups), columns named by Trace.lr_columns
-    example_start: np.ndarray  # int64 (steps,): the step's rows in Trace.examples
-    example_stop: np.ndarray  # int64 (steps,)
-
-
-@dataclass  # not frozen: Lightning moves the tensors of a dataclass batch to the device in place
-class FactorRows:
-    """A factored layer's factors for a range of steps: one row per example row of those steps."""
-
-    inputs: Tensor  # (rows, in_features): the layer's input row
-    outputs: Tensor  # (rows, out_features): -lr times the loss gradient of the layer's output row
-    counts: Tensor  # int64 (steps,): rows of each step, in order
-    row_start: int  # the first row's position in Trace.examples
-
-
-@dataclass(frozen=True)
-class Examples:
-    """Training examples of one or more steps: dataset ids, labels and ghost flags."""
-
-    index: np.ndarray  # int64 (rows,)
-    label: np.ndarray  # (rows,) or (rows, width); -1 where the batch had no labels
-    ghost: np.ndarray  # bool (rows,)
+from lightning_tracetrain.trace.schema import ClassSpec, LayerSpec, StorageMode, TraceSpec
+from lightning_tracetrain.trace.store import open_group, optional_array
+from lightning_tracetrain.trace.tables import Examples, FactorRows, StepTable
 
 
 class Trace:
     """A recorded training run, opened read-only.
 
     Only committed steps are visible: a trace that is still being written, or
-    whose writer was killed, reads as the steps committed so far.
+    whose writer was killed, reads as the steps committed when it was opened.
+    A ``Trace`` pickles as its path and that snapshot, so it can be handed to
+    DataLoader worker processes.
 
     Example:
         >>> trace = Trace("runs/digits/trace")  # doctest: +SKIP
@@ -66,7 +37,7 @@ class Trace:
         self.path = str(path)
         self.storage_options = storage_options
         try:
-            self._group = schema.open_group(self.path, "r", storage_options)
+            self._group = open_group(self.path, "r", storage_options)
         except FileNotFoundError:
             raise TraceFormatError(
                 f"No trace at {self.path}: the path does not exist or holds no Zarr group."
@@ -82,9 +53,21 @@ class Trace:
             )
         if not attrs.get("initialized"):
             raise TraceFormatError(f"{self.path} is an incomplete trace: its run stopped while creating it.")
+        self._set(attrs)
+
+    def _set(self, attrs: dict[str, Any]) -> None:
         self.attrs = attrs
         self.spec = TraceSpec.from_attrs(attrs)
         self._layers = {lay.name: lay for lay in self.spec.layers}
+        self._arrays: dict[str, Any] = {}  # opened arrays: their metadata is read once
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"path": self.path, "storage_options": self.storage_options, "attrs": self.attrs}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.path, self.storage_options = state["path"], state["storage_options"]
+        self._group = open_group(self.path, "r", self.storage_options)
+        self._set(state["attrs"])  # the same committed steps as the original, even if the run went on
 
     # ---- what was traced
 
@@ -126,6 +109,11 @@ class Trace:
         """Names of the columns of ``steps.lr``: ``optimizer{i}/group{j}``."""
         return list(self.spec.lr_columns)
 
+    @property
+    def storage(self) -> StorageMode:
+        """``"lossless"``, ``"compact"`` (deltas rounded to ``spec.keepbits`` mantissa bits) or ``"factored"``."""
+        return self.spec.mode
+
     # ---- weights
 
     def initial(self, layer: str) -> dict[str, Tensor]:
@@ -137,34 +125,33 @@ class Trace:
 
         A factored layer's weight changes are rebuilt from its per-example factors.
         """
-        return self.read_chunk(layer, start, stop)[0]
+        deltas, rows = self.read_chunk(layer, start, stop)
+        if rows is None:
+            return deltas
+        return {"weight": Fx.factored_deltas(rows.inputs, rows.outputs, rows.counts.tolist()), **deltas}
 
     def read_chunk(
         self, layer: str, start: int = 0, stop: int | None = None
     ) -> tuple[dict[str, Tensor], FactorRows | None]:
-        """:meth:`deltas` of steps ``[start, stop)`` and, for a factored layer, the factors they were built from."""
+        """What is stored for steps ``[start, stop)``: the dense deltas and, for a factored layer, its factor
+        rows (its weight's deltas are then absent from the first; nothing is rebuilt)."""
         start, stop = self._bounds(start, stop)
-        params = self.layer(layer).params
-        factored = self.spec.is_factored(layer)
+        factored = self.spec.is_factored(self.layer(layer).name)
         deltas = {
             p: self._read(schema.delta_path(layer, p), slice(start, stop))
-            for p in params
+            for p in self.layer(layer).params
             if not (factored and p == "weight")
         }
-        if not factored:
-            return deltas, None
-        rows = self.factors(layer, start, stop)
-        weight = Fx.factored_deltas(rows.inputs, rows.outputs, rows.counts.tolist())
-        return {"weight": weight, **deltas}, rows
+        return deltas, (self.factors(layer, start, stop) if factored else None)
 
     def factors(self, layer: str, start: int = 0, stop: int | None = None) -> FactorRows:
         """A factored layer's per-example factors for steps ``[start, stop)`` (``storage="factored"``)."""
         start, stop = self._bounds(start, stop)
         if not self.spec.is_factored(layer):
-            factored = ", ".join(self.spec.factored or ()) or "none"
+            factored = ", ".join(self.spec.factored) or "none"
             raise UnknownLayerError(
                 f"Layer {layer!r} of {self.path} is stored as dense deltas, not per-example factors "
-                f"(storage {self.storage!r}; factored layers: {factored}). Use Trace.deltas({layer!r})."
+                f"(storage {str(self.storage)!r}; factored layers: {factored}). Use Trace.deltas({layer!r})."
             )
         steps = self.steps
         first = int(steps.example_start[start]) if stop > start else 0
@@ -172,19 +159,21 @@ class Trace:
         return FactorRows(
             inputs=self._read(schema.factor_path(layer, "in"), slice(first, last)),
             outputs=self._read(schema.factor_path(layer, "out"), slice(first, last)),
-            counts=torch.from_numpy(steps.example_stop[start:stop] - steps.example_start[start:stop]),
+            counts=torch.from_numpy(steps.rows[start:stop]),
             row_start=first,
         )
 
+    def chunk_ranges(self, start: int = 0, stop: int | None = None) -> list[tuple[int, int]]:
+        """Steps ``[start, stop)`` split at the stored chunks' boundaries: the ranges that read whole chunks."""
+        start, stop = self._bounds(start, stop)
+        size = self.spec.chunk_steps
+        bounds = [start, *range((start // size + 1) * size, stop, size), stop]
+        return [(a, b) for a, b in itertools.pairwise(bounds) if b > a]
+
     def iter_deltas(self, layer: str, start: int = 0, stop: int | None = None) -> Iterator[dict[str, Tensor]]:
         """Like :meth:`deltas`, one stored chunk of steps at a time."""
-        start, stop = self._bounds(start, stop)
-        step = self.spec.chunk_steps
-        first = start
-        while first < stop:
-            last = min(stop, (first // step + 1) * step)
+        for first, last in self.chunk_ranges(start, stop):
             yield self.deltas(layer, first, last)
-            first = last
 
     def final(self, layer: str) -> dict[str, Tensor]:
         """The layer's parameters after the last committed step: initial + sum of deltas."""
@@ -208,7 +197,7 @@ class Trace:
     def steps(self) -> StepTable:
         """Per-step metadata of the committed steps."""
         n = self.num_steps
-        cols = {name: self._group[schema.step_path(name)][:n] for name in schema.STEP_ARRAYS}
+        cols = {name: self._array(schema.step_path(name))[:n] for name in schema.STEP_ARRAYS}
         stop = cols["example_stop"]
         start = np.concatenate([[0], stop[:-1]]).astype(np.int64)
         return StepTable(
@@ -226,12 +215,12 @@ class Trace:
     def examples(self) -> Examples:
         """Example rows of all committed steps; step ``t`` owns rows ``example_start[t]:example_stop[t]``."""
         n = int(self.steps.example_stop[-1]) if self.num_steps else 0
-        names = {name for name, _ in self._group["examples"].members()}
-        label = self._group[schema.example_path("label")][:n] if "label" in names else np.full(n, -1, np.int64)
+        labels = optional_array(self._group, schema.example_path("label"))
+        label = labels[:n] if labels is not None else np.full(n, -1, np.int64)
         return Examples(
-            index=self._group[schema.example_path("index")][:n],
+            index=self._array(schema.example_path("index"))[:n],
             label=label,
-            ghost=self._group[schema.example_path("ghost")][:n],
+            ghost=self._array(schema.example_path("ghost"))[:n],
         )
 
     def real_examples(self, step: int) -> np.ndarray:
@@ -248,16 +237,9 @@ class Trace:
         """The examples that produced step ``step`` (all batches of its accumulation window)."""
         if not 0 <= step < self.num_steps:
             raise IndexError(f"step {step} is outside 0..{self.num_steps - 1} (the trace's committed steps).")
-        rows = slice(int(self.steps.example_start[step]), int(self.steps.example_stop[step]))
-        ex = self.examples
-        return Examples(ex.index[rows], ex.label[rows], ex.ghost[rows])
+        return self.examples[slice(int(self.steps.example_start[step]), int(self.steps.example_stop[step]))]
 
     # ---- size
-
-    @property
-    def storage(self) -> str:
-        """``"lossless"``, ``"compact"`` (deltas rounded to ``spec.keepbits`` mantissa bits) or ``"factored"``."""
-        return self.spec.mode
 
     def nbytes(self, layers: Sequence[str] | None = None) -> dict[str, int]:
         """Stored and raw (float32) bytes of the deltas (or factors) of the committed steps, of all or some layers."""
@@ -266,18 +248,11 @@ class Trace:
             for p, shape in lay.params.items():
                 raw += int(np.prod(shape)) * 4 * self.num_steps
                 if p == "weight" and self.spec.is_factored(lay.name):
-                    sides = [self._group[schema.factor_path(lay.name, side)] for side in ("in", "out")]
+                    sides = [self._array(schema.factor_path(lay.name, side)) for side in ("in", "out")]
                     stored += sum(int(arr.nbytes_stored()) for arr in sides)
                 else:
-                    stored += int(self._group[schema.delta_path(lay.name, p)].nbytes_stored())
+                    stored += int(self._array(schema.delta_path(lay.name, p)).nbytes_stored())
         return {"stored": stored, "raw": raw}
-
-    def _storage_line(self) -> str:
-        if self.storage == "compact":
-            return f"compact: {self.spec.keepbits} mantissa bits"
-        if self.storage == "factored":
-            return f"factored: {', '.join(self.spec.factored or ()) or 'no layer'} as per-example factors"
-        return "lossless"
 
     def summary(self) -> str:
         """A short human-readable description: layers, steps, bytes."""
@@ -297,6 +272,13 @@ class Trace:
             shapes = ", ".join(f"{p} {'x'.join(map(str, s))}" for p, s in lay.params.items())
             lines.append(f"    {lay.name:<24} {lay.module_type.rsplit('.', 1)[-1]:<10} {shapes}")
         return "\n".join(lines)
+
+    def _storage_line(self) -> str:
+        if self.storage == StorageMode.compact:
+            return f"compact: {self.spec.keepbits} mantissa bits"
+        if self.storage == StorageMode.factored:
+            return f"factored: {', '.join(self.spec.factored) or 'no layer'} as per-example factors"
+        return "lossless"
 
     def _class_line(self) -> str:
         labels = self.steps.label
@@ -321,8 +303,13 @@ class Trace:
             raise IndexError(f"steps [{start}, {stop}) are outside the trace's {n} committed steps.")
         return start, stop
 
+    def _array(self, path: str) -> Any:
+        if path not in self._arrays:
+            self._arrays[path] = self._group[path]
+        return self._arrays[path]
+
     def _read(self, path: str, rows: Any = Ellipsis) -> Tensor:
-        return torch.from_numpy(np.ascontiguousarray(self._group[path][rows]))
+        return torch.from_numpy(np.ascontiguousarray(self._array(path)[rows]))
 
 
 def _fmt_bytes(n: float) -> str:

@@ -8,10 +8,9 @@ half-written step.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import enum
+from dataclasses import dataclass, field, replace
 from typing import Any
-
-import zarr
 
 FORMAT = "lightning_tracetrain.trace"
 FORMAT_VERSION = 1
@@ -31,6 +30,14 @@ EXAMPLE_ARRAYS: dict[str, str] = {"index": "int64", "ghost": "bool", "label": "<
 
 STEP_CHUNK = 4096
 EXAMPLE_CHUNK = 65536
+
+
+class StorageMode(enum.StrEnum):
+    """How a trace stores each step's weight change (``TraceCallback(storage=...)``)."""
+
+    lossless = "lossless"  # float32 deltas, exactly
+    compact = "compact"  # deltas rounded to ``keepbits`` mantissa bits, with error feedback
+    factored = "factored"  # plain SGD: Linear layers as per-example factors where smaller, the rest lossless
 
 
 def delta_path(layer: str, param: str) -> str:
@@ -64,6 +71,11 @@ def step_path(name: str) -> str:
 
 def example_path(name: str) -> str:
     return f"examples/{name}"
+
+
+def is_example_axis(path: str) -> bool:
+    """Arrays with one row per committed example row (split over steps by ``steps/example_stop``)."""
+    return path.startswith("examples/") or "/factor/" in path
 
 
 @dataclass(frozen=True)
@@ -107,13 +119,33 @@ class TraceSpec:
     lr_columns: tuple[str, ...]
     chunk_steps: int
     compressor: dict[str, Any] | None
-    mode: str = "lossless"  # or "compact": deltas rounded to keepbits mantissa bits, with error feedback
-    keepbits: int | None = None
-    # "factored": the layers whose weight is stored as per-example factors; None until the first step decides
-    factored: tuple[str, ...] | None = None
+    mode: StorageMode = StorageMode.lossless
+    keepbits: int | None = None  # compact: mantissa bits kept
+    factored: tuple[str, ...] = ()  # factored: the layers whose weight is stored as per-example factors
 
     def is_factored(self, layer: str) -> bool:
-        return self.factored is not None and layer in self.factored
+        return layer in self.factored
+
+    def with_factored(self, layers: tuple[str, ...]) -> TraceSpec:
+        return replace(self, factored=tuple(layers))
+
+    def dense_params(self) -> list[tuple[str, str]]:
+        """``(layer, param)`` of every parameter stored as per-step deltas, in layer order."""
+        return [
+            (lay.name, p)
+            for lay in self.layers
+            for p in lay.params
+            if not (p == "weight" and self.is_factored(lay.name))
+        ]
+
+    def step_axis_paths(self) -> list[str]:
+        """Every array with one row per step or per example row (``examples/label`` may not exist yet)."""
+        return [
+            *(delta_path(layer, p) for layer, p in self.dense_params()),
+            *(factor_path(layer, side) for layer in self.factored for side in ("in", "out")),
+            *(step_path(name) for name in STEP_ARRAYS),
+            *(example_path(name) for name in EXAMPLE_ARRAYS),
+        ]
 
     @property
     def fingerprint(self) -> dict[str, Any]:
@@ -131,40 +163,26 @@ class TraceSpec:
             "datamodule": None if self.datamodule is None else self.datamodule.to_dict(),
             "lr_columns": list(self.lr_columns),
             "storage": {
-                "mode": self.mode,
+                "mode": str(self.mode),
                 "dtype": "float32",
                 "chunk_steps": self.chunk_steps,
                 "compressor": self.compressor,
-                **({"keepbits": self.keepbits} if self.mode == "compact" else {}),
-                **({"factored": list(self.factored)} if self.factored is not None else {}),
+                **({"keepbits": self.keepbits} if self.mode == StorageMode.compact else {}),
+                **({"factored": list(self.factored)} if self.mode == StorageMode.factored else {}),
             },
         }
 
     @classmethod
     def from_attrs(cls, attrs: dict[str, Any]) -> TraceSpec:
+        storage = attrs["storage"]
         return cls(
             layers=tuple(LayerSpec.from_dict(n, d) for n, d in attrs["layers"].items()),
             module=ClassSpec.from_dict(attrs["module"]),  # type: ignore[arg-type]
             datamodule=ClassSpec.from_dict(attrs.get("datamodule")),
             lr_columns=tuple(attrs.get("lr_columns", ())),
-            chunk_steps=int(attrs["storage"]["chunk_steps"]),
-            compressor=attrs["storage"].get("compressor"),
-            mode=attrs["storage"].get("mode", "lossless"),
-            keepbits=attrs["storage"].get("keepbits"),
-            factored=None if (f := attrs["storage"].get("factored")) is None else tuple(f),
+            chunk_steps=int(storage["chunk_steps"]),
+            compressor=storage.get("compressor"),
+            mode=StorageMode(storage.get("mode", "lossless")),
+            keepbits=storage.get("keepbits"),
+            factored=tuple(storage.get("factored") or ()),
         )
-
-
-def is_url(path: str) -> bool:
-    """``s3://...``, ``gs://...``, ``memory://...``: a location for fsspec rather than a local folder."""
-    return "://" in path
-
-
-def open_group(path: str, mode: str, storage_options: dict[str, Any] | None = None, **kwargs: Any) -> zarr.Group:
-    """``zarr.open_group`` for a local folder or an fsspec URL (``storage_options`` go to the filesystem,
-    e.g. ``{"endpoint_url": ..., "key": ..., "secret": ...}`` for S3; without them fsspec reads the usual
-    environment, such as ``AWS_ENDPOINT_URL`` and ``AWS_ACCESS_KEY_ID``)."""
-    if storage_options and not is_url(path):
-        raise ValueError(f"storage_options are for fsspec URLs such as s3://bucket/trace, not the local path {path}.")
-    extra = {"storage_options": storage_options} if storage_options else {}
-    return zarr.open_group(store=path, mode=mode, **extra, **kwargs)

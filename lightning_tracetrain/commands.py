@@ -1,0 +1,52 @@
+"""``python -m lightning_tracetrain COMMAND``: training through LightningCLI and the package's tools, one entry point.
+
+``fit``/``validate``/``test``/``predict`` go to LightningCLI (a model, datamodule and
+``TraceCallback`` from a config such as ``configs/digits.yaml``); the other commands
+are listed by ``--help`` and each has its own ``--help``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+from lightning_tracetrain.lightning_cli import PROG, cli_main
+
+LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
+COMMANDS = {
+    "explain": ("lightning_tracetrain.explain.cli", "explain test inputs by the training steps, examples and classes"),
+    "demo": ("lightning_tracetrain.workloads.demo", "train a config with tracing, then explain test inputs"),
+    "evaluate": ("lightning_tracetrain.workloads.evaluate", "our method beside the baselines on digits"),
+    "specificity": ("lightning_tracetrain.workloads.specificity", "per layer: how class-specific is what it learned?"),
+}
+
+
+def usage() -> str:
+    lines = [
+        f"usage: {PROG} COMMAND [OPTIONS]",
+        "",
+        "Training through LightningCLI, and the tools that explain what a traced run learned.",
+        "",
+        "training (LightningCLI; see configs/*.yaml):",
+        *(f"  {c:<12} {c} with a config, e.g. {PROG} {c} --config configs/digits.yaml" for c in LIGHTNING_COMMANDS),
+        "",
+        "tools:",
+        *(f"  {c:<12} {help}" for c, (_, help) in COMMANDS.items()),
+        "",
+        f"{PROG} COMMAND --help shows a command's options.",
+    ]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> object:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage())
+        return None
+    command = argv[0]
+    if command in COMMANDS:
+        return importlib.import_module(COMMANDS[command][0]).main(argv[1:])
+    if command in LIGHTNING_COMMANDS or command.startswith("-"):
+        return cli_main(argv)
+    print(f"{PROG}: error: unknown command {command!r}\n\n{usage()}", file=sys.stderr)
+    raise SystemExit(2)

@@ -1,7 +1,0 @@
-"""Datamodules of the paper's workloads, following the batch protocol."""
-
-from lightning_tracetrain.data.cifar10 import CIFAR10DataModule
-from lightning_tracetrain.data.digits import DigitsDataModule
-from lightning_tracetrain.data.ogbg_ppa import OgbgPpaDataModule
-
-__all__ = ["CIFAR10DataModule", "DigitsDataModule", "OgbgPpaDataModule"]

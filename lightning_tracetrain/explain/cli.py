@@ -1,0 +1,127 @@
+"""``python -m lightning_tracetrain.explain --ckpt CKPT --trace TRACE``: explain test inputs by the training steps.
+
+Rebuilds the model and datamodule from what the trace recorded (query ``i`` is
+the ``i``-th example of the test dataloader), makes one pass over the trace
+and writes ``OUT/influence.json`` (schema in docs/influence-format.md) and a
+self-contained ``OUT/report.html`` rendered from it.
+
+Example:
+    python -m lightning_tracetrain.explain --ckpt runs/digits/checkpoints/last.ckpt \\
+        --trace runs/digits/trace --queries 0 1 2 --out runs/digits/explanations
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lightning_tracetrain.baselines.cladec import fit_decoders
+from lightning_tracetrain.batch import batch_field
+from lightning_tracetrain.exceptions import TraceTrainError
+from lightning_tracetrain.explain.arguments import ExplainArguments, dataclass_parser, parse
+from lightning_tracetrain.explain.document import Query, influence_document, picture
+from lightning_tracetrain.explain.explainer import Explainer
+from lightning_tracetrain.explain.loading import load_datamodule
+from lightning_tracetrain.explain.report import write_report
+from lightning_tracetrain.trace import Trace
+
+
+class QueryError(TraceTrainError, IndexError):
+    """A query index outside the test set."""
+
+
+def explain(args: ExplainArguments) -> dict[str, Any]:
+    """Explain test inputs; writes ``influence.json`` and ``report.html`` to ``args.out`` and returns the JSON.
+
+    With ``cladec`` (a layer name), ClaDec and its reference autoencoder are trained on the training
+    set for that layer and each query is shown beside both reconstructions.
+
+    With ``devices > 1`` the pass over the trace is sharded over the devices by Lightning's DDP
+    (one process per device); only rank 0 writes the files, the other ranks return ``{}``.
+    """
+    trace = Trace(args.trace, args.storage_options)
+    explainer = Explainer.from_checkpoint(args.ckpt, trace, args.layers, trust=args.trust)
+    datamodule = load_datamodule(trace, args.trust)
+    test = datamodule.test_dataloader()
+    for q in args.queries:
+        if not 0 <= q < len(test.dataset):
+            raise QueryError(
+                f"Query {q} is out of range: the test set of {type(datamodule).__name__} has {len(test.dataset)} "
+                f"examples (0..{len(test.dataset) - 1})."
+            )
+    items = {q: test.dataset[q] for q in args.queries}
+    logits = explainer.set_queries([test.collate_fn([items[q]]) for q in args.queries])
+    results = explainer.run(num_workers=args.num_workers, devices=args.device_count, accelerator=args.accelerator)
+    if explainer.global_rank_ != 0:
+        return {}  # every rank holds the whole result; rank 0 writes it
+
+    train_set = datamodule.train_dataloader().dataset
+    queries = [Query(q, _label(items[q]), _picture(items[q])) for q in args.queries]
+    cladec = None
+    if args.cladec is not None and not args.privacy:
+        decoders = fit_decoders(explainer.model, args.cladec, train_set, (args.cladec_alpha,), args.cladec_epochs)
+        cladec = {
+            "layer": args.cladec,
+            "alpha": args.cladec_alpha,
+            "epochs": args.cladec_epochs,
+            "reconstructions": {
+                q: {name: picture(d.reconstruct(items[q]["x"][None])[0]) for name, d in decoders.items()}
+                for q in args.queries
+            },
+        }
+    doc = influence_document(
+        trace,
+        explainer.stop,
+        results,
+        logits,
+        queries,
+        checkpoint=args.ckpt,
+        score=args.score,
+        top_k=args.top_k,
+        privacy=args.privacy,
+        bandwidth=args.bandwidth,
+        train_images=lambda i: _picture(train_set[i]),
+        cladec=cladec,
+    )
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "influence.json").write_text(json.dumps(doc, indent=1))
+    write_report(out / "report.html", doc)
+    return doc
+
+
+def _picture(item: Any) -> Any:
+    """An example's input as an image, when it is one (graphs are shown as tables)."""
+    return picture(item["x"]) if isinstance(item, Mapping) else None
+
+
+def _label(item: Any) -> int:
+    y = batch_field(item, "y") if isinstance(item, Mapping) or hasattr(item, "y") else None
+    return int(torch.as_tensor(y).reshape(-1)[0]) if y is not None else -1
+
+
+def parser() -> argparse.ArgumentParser:
+    """The options of :class:`ExplainArguments`; the help ends with what the command writes and an example."""
+    return dataclass_parser(ExplainArguments, "python -m lightning_tracetrain.explain", __doc__ or "")
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Parse ``argv``, explain, print where the files went; a failure ends in one ``error:`` line (exit 2)."""
+    cli = parser()
+    args = parse(ExplainArguments, cli, argv)
+    try:
+        doc = explain(args)
+    except TraceTrainError as exc:
+        cli.exit(2, f"error: {exc}\n")
+    if not doc:  # a rank other than 0 of a multi-device run
+        return doc
+    print(
+        f"explained {len(doc['queries'])} queries with {doc['steps']} steps; wrote {args.out}/influence.json "
+        f"and {args.out}/report.html"
+    )
+    return doc

@@ -1,0 +1,163 @@
+"""``influence.json``: everything an explanation shows, as one JSON document (schema in docs/influence-format.md).
+
+The report is rendered from this document alone, so the page and the data
+can never disagree, and the document can be re-rendered or read by other tools.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from lightning_tracetrain.explain.attribution import (
+    LayerAttribution,
+    class_attribution,
+    example_attribution,
+    ridge_densities,
+)
+from lightning_tracetrain.trace import Trace
+
+Images = Callable[[int], np.ndarray | None]  # training example id -> image (H, W) or (H, W, 3); None for graphs
+GRID = {"start": -1.0, "stop": 1.0, "points": 201}  # where the ridge densities are evaluated
+RIDGE_CLASSES = 10  # ridge rows per layer: the most probable classes
+
+
+@dataclass(frozen=True)
+class Query:
+    """A test input being explained: its index in the test set, its label, and its picture if it is an image."""
+
+    index: int
+    label: int
+    image: np.ndarray | None = None
+
+
+def influence_document(
+    trace: Trace,
+    stop: int,
+    results: Mapping[str, LayerAttribution],
+    logits: Tensor,
+    queries: list[Query],
+    *,
+    checkpoint: str,
+    score: str = "gamma",
+    top_k: int = 5,
+    privacy: bool = False,
+    bandwidth: float = 0.1,
+    train_images: Images | None = None,
+    cladec: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The document for ``queries`` (in the order of ``logits`` and of the results' query axis).
+
+    ``cladec`` (``{"layer", "alpha", "epochs", "reconstructions": {query index: {decoder: image}}}``) is
+    added as it is; images are left out in privacy mode.
+    """
+    probs = logits.float().softmax(-1).cpu()
+    grid = torch.linspace(GRID["start"], GRID["stop"], GRID["points"])
+    doc: dict[str, Any] = {
+        "score": score,
+        "privacy": privacy,
+        "trace": str(trace.path),
+        "model": trace.module.class_path,
+        "checkpoint": str(checkpoint),
+        "steps": stop,
+        "bandwidth": bandwidth,
+        "ridge_grid": GRID,
+        "queries": [],
+    }
+    shown: set[int] = set()
+    for qi, query in enumerate(queries):
+        predicted = int(probs[qi].argmax())
+        entry: dict[str, Any] = {
+            "query": query.index,
+            "label": query.label,
+            "predicted": predicted,
+            "probabilities": [round(float(p), 6) for p in probs[qi]],
+            "layers": {},
+        }
+        classes = probs[qi].argsort(descending=True)[:RIDGE_CLASSES].tolist()
+        for name, attribution in results.items():
+            layer = _layer(trace, stop, attribution, qi, score, top_k, privacy)
+            densities = ridge_densities(attribution, trace.steps.label, qi, grid, bandwidth)
+            layer["ridge"] = {
+                "classes": classes,
+                "density": {str(c): _rounded(densities[c]) for c in classes if c in densities},
+            }
+            shown.update(e["example"] for e in layer.get("top_examples", []) + layer.get("opponents", []))
+            entry["layers"][name] = layer
+        doc["queries"].append(entry)
+    if not privacy:
+        test = {str(q.index): _rounded(q.image) for q in queries if q.image is not None}
+        train = {str(i): _rounded(img) for i in sorted(shown) if (img := _image(train_images, i)) is not None}
+        if test or train:
+            doc["images"] = {"test": test, "train": train}
+        if cladec is not None:
+            reconstructions = {
+                str(q): {k: _rounded(v) for k, v in r.items()} for q, r in cladec["reconstructions"].items()
+            }
+            doc["cladec"] = {**cladec, "reconstructions": reconstructions}
+    return doc
+
+
+def _layer(
+    trace: Trace, stop: int, a: LayerAttribution, qi: int, score: str, top_k: int, privacy: bool
+) -> dict[str, Any]:
+    steps, examples = trace.steps, trace.examples
+    step_scores = (a.gamma if score == "gamma" else a.cos)[qi : qi + 1]
+    rows = None if a.rows is None else a.rows[qi : qi + 1]  # a factored layer: each example's exact share
+    per_example, labels = example_attribution(
+        steps, examples, step_scores, stop, split=score == "gamma", rows=rows if score == "gamma" else None
+    )
+    # class scores are always shares of gamma (they add up to ||Z||^2 with init_score)
+    gamma_examples = (
+        per_example
+        if score == "gamma"
+        else example_attribution(steps, examples, a.gamma[qi : qi + 1], stop, rows=rows)[0]
+    )
+    classes = class_attribution(gamma_examples, labels)
+    doc: dict[str, Any] = {
+        # exact: every example's own share of gamma (factored layer); else a step's gamma split equally
+        "example_shares": "exact" if rows is not None else "equal split of each step",
+        "class_scores": dict(sorted(((str(c), float(v[0])) for c, v in classes.items()), key=lambda kv: -kv[1])),
+        "init_score": float(a.init[qi]),
+        "norm_sq": float(a.z_sq[qi]),
+        "completeness_residual": float(a.residual[qi]),
+    }
+    if privacy:
+        return doc
+    s = per_example[0]
+    seen = labels >= 0
+    k = min(top_k, int(seen.sum()))
+    order = torch.argsort(torch.where(seen, s, torch.full_like(s, -torch.inf)), descending=True)[:k]
+    worst = torch.argsort(torch.where(seen, s, torch.full_like(s, torch.inf)))[:k]
+    doc["top_examples"] = [_example(i, labels[i], s[i]) for i in order.tolist()]
+    doc["opponents"] = [_example(i, labels[i], s[i]) for i in worst.tolist() if s[i] < 0]
+    return doc
+
+
+def picture(x: Any) -> np.ndarray | None:
+    """A (C, H, W) or (H, W) tensor as an image array; None for graphs and other inputs (shown as a table)."""
+    if not isinstance(x, torch.Tensor) or x.dim() not in (2, 3):
+        return None
+    x = x.detach().float().cpu()
+    if x.dim() == 3:
+        x = x[0] if x.shape[0] == 1 else x.permute(1, 2, 0)
+    return x.numpy()
+
+
+def _image(images: Images | None, index: int) -> np.ndarray | None:
+    return None if images is None else images(index)
+
+
+def _example(index: int, label: Tensor, score: Tensor) -> dict[str, Any]:
+    return {"example": int(index), "label": int(label), "score": float(score)}
+
+
+def _rounded(values: Any) -> Any:
+    """Numbers rounded to 5 significant digits, as (nested) lists: small JSON, no visible loss in a figure."""
+    array = np.asarray(values.detach().cpu() if isinstance(values, Tensor) else values, dtype=np.float64)
+    return np.vectorize(lambda v: float(f"{v:.5g}"), otypes=[float])(array).tolist() if array.size else []

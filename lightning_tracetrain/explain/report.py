@@ -1,0 +1,154 @@
+"""``report.html``, rendered from an influence document alone: one self-contained page (plotly inlined, offline).
+
+In the spirit of the paper's Figures 1, 5 and 6: per query and layer, the
+ridge plot of ``cos_t`` per class (Algorithm 3) for the classes with the
+highest predicted probability, the predicted class highlighted, and the most
+influential training examples as images (a table for graphs).
+"""
+
+from __future__ import annotations
+
+import html
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import plotly.graph_objects as go
+from plotly.subplots import make_subplots
+
+
+def write_report(path: str | Path, doc: dict[str, Any]) -> None:
+    """Render ``doc`` (see :func:`~lightning_tracetrain.explain.document.influence_document`) to ``path``."""
+    Path(path).write_text(render_report(doc), encoding="utf-8")
+
+
+def render_report(doc: dict[str, Any]) -> str:
+    """The page for an influence document, as HTML."""
+    title = f"Why did the model learn this? ({doc['model']})"
+    images = doc.get("images", {})
+    grid = np.linspace(doc["ridge_grid"]["start"], doc["ridge_grid"]["stop"], doc["ridge_grid"]["points"])
+    parts: list[str] = []
+    first = True
+
+    def add(item: go.Figure | str) -> None:
+        nonlocal first
+        if isinstance(item, go.Figure):
+            parts.append(item.to_html(full_html=False, include_plotlyjs=first, config={"displaylogo": False}))
+            first = False
+        else:
+            parts.append(item)
+
+    for q in doc["queries"]:
+        p = q["probabilities"][q["predicted"]]
+        parts.append(f"<h2>Query {q['query']}: label {q['label']}, predicted {q['predicted']} (p={p:.2f})</h2>")
+        query_image = images.get("test", {}).get(str(q["query"]))
+        if query_image is not None:
+            add(_query_figure(doc, q, np.asarray(query_image), p))
+        for name, layer in q["layers"].items():
+            ridge = layer["ridge"]
+            densities = {int(c): np.asarray(d) for c, d in ridge["density"].items()}
+            add(
+                ridge_figure(
+                    grid,
+                    densities,
+                    ridge["classes"],
+                    q["predicted"],
+                    f"{name}: cos of each step's contribution, by the step's class",
+                )
+            )
+            if doc["privacy"]:
+                continue
+            for kind, key in (
+                ("most influential training examples", "top_examples"),
+                ("strongest opponents", "opponents"),
+            ):
+                examples = layer[key]
+                if not examples:
+                    add(f"<p>{html.escape(name)}: no {kind} (no training example has a negative score).</p>")
+                    continue
+                pictures = [images.get("train", {}).get(str(e["example"])) for e in examples]
+                if all(pic is not None for pic in pictures):
+                    titles = [f"#{e['example']} y={e['label']}<br>{e['score']:.3g}" for e in examples]
+                    add(images_figure([np.asarray(pic) for pic in pictures], titles, f"{name}: {kind}"))
+                else:
+                    add(f"<h4>{html.escape(name)}: {kind}</h4>" + examples_table(examples))
+    if first:  # no figure at all: still a valid page
+        parts.append("<p>No figures.</p>")
+    return (
+        "<!DOCTYPE html><html><head><meta charset='utf-8'>"
+        f"<title>{html.escape(title)}</title>"
+        "<style>body{font-family:sans-serif;margin:2em;max-width:1100px}table{border-collapse:collapse}"
+        "td,th{border:1px solid #ccc;padding:2px 8px}</style></head><body>"
+        f"<h1>{html.escape(title)}</h1>" + "\n".join(parts) + "</body></html>"
+    )
+
+
+def _query_figure(doc: dict[str, Any], q: dict[str, Any], image: np.ndarray, p: float) -> go.Figure:
+    """The query, and beside it what ClaDec and the reference autoencoder reconstruct of it (if asked)."""
+    cladec = doc.get("cladec")
+    reconstructions = {} if cladec is None else cladec["reconstructions"].get(str(q["query"]), {})
+    if not reconstructions:
+        return images_figure([image], [f"#{q['query']} y={q['label']}<br>{p:.3g}"], "the query (test example, p)")
+    layer = cladec["layer"]
+    return images_figure(
+        [image, *(np.asarray(r) for r in reconstructions.values())],
+        ["the query", *(f"{name}<br>from {layer}" for name in reconstructions)],
+        f"the query (p={p:.2f}) and what {layer} keeps of it (ClaDec vs reference autoencoder)",
+    )
+
+
+def ridge_figure(
+    grid: np.ndarray, densities: dict[int, np.ndarray], classes: list[int], predicted: int, title: str
+) -> go.Figure:
+    """Filled density rows, one per class (highest probability on top), the predicted class highlighted."""
+    fig = go.Figure()
+    peak = max((float(densities[c].max()) for c in classes if c in densities), default=1.0) or 1.0
+    for row, cls in enumerate(reversed(classes)):
+        density = densities.get(cls, np.zeros_like(grid))
+        color = "#d62728" if cls == predicted else "#1f77b4"
+        fig.add_trace(
+            go.Scatter(
+                x=grid, y=np.full_like(grid, row), mode="lines", line={"width": 0}, showlegend=False, hoverinfo="skip"
+            )
+        )
+        fig.add_trace(
+            go.Scatter(
+                x=grid,
+                y=row + 0.9 * density / peak,
+                mode="lines",
+                fill="tonexty",
+                line={"color": color, "width": 1.5},
+                name=f"class {cls}",
+                showlegend=False,
+                hovertemplate=f"class {cls}<br>cos %{{x:.2f}}<extra></extra>",
+            )
+        )
+    fig.update_layout(
+        title=title,
+        height=60 + 34 * len(classes),
+        margin={"l": 70, "r": 10, "t": 40, "b": 30},
+        xaxis={"title": "cosine of step contribution and representation", "range": [-1, 1]},
+        yaxis={"tickvals": list(range(len(classes))), "ticktext": [f"class {c}" for c in reversed(classes)]},
+    )
+    return fig
+
+
+def images_figure(pictures: list[np.ndarray], titles: list[str], title: str) -> go.Figure:
+    """Images (H, W) in grey or (H, W, 3) in colour, in a row with a title each."""
+    fig = make_subplots(rows=1, cols=len(pictures), subplot_titles=titles)
+    for col, img in enumerate(pictures, start=1):
+        if img.ndim == 3:
+            lo, hi = float(img.min()), float(img.max())
+            fig.add_trace(go.Image(z=(255 * (img - lo) / max(hi - lo, 1e-12)).astype(np.uint8)), row=1, col=col)
+        else:
+            fig.add_trace(go.Heatmap(z=img[::-1], colorscale="Greys", showscale=False), row=1, col=col)
+    fig.update_xaxes(visible=False)
+    fig.update_yaxes(visible=False, scaleanchor="x")
+    fig.update_layout(title=title, height=200, margin={"l": 10, "r": 10, "t": 70, "b": 10})
+    fig.update_annotations(font_size=10)
+    return fig
+
+
+def examples_table(examples: list[dict[str, Any]]) -> str:
+    rows = "".join(f"<tr><td>{e['example']}</td><td>{e['label']}</td><td>{e['score']:.4g}</td></tr>" for e in examples)
+    return f"<table><tr><th>example</th><th>label</th><th>score</th></tr>{rows}</table>"

@@ -1,0 +1,291 @@
+"""TraceRecorder: records the optimizer steps of chosen layers into a trace, with no Lightning in sight.
+
+Its life is ``start`` (check the target, or reopen the trace to resume), then
+for every step ``add_examples`` (once per batch) and ``record`` (once per
+optimizer step), ``commit`` before a checkpoint, and ``close``. The trace is
+created at the first recorded step, so a run that fails before it leaves
+nothing behind, and ``storage="factored"`` knows its layers when it creates it.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from lightning_tracetrain.functional import weight_deltas
+from lightning_tracetrain.recording.factored import FactoredSteps, param_group, to_numpy
+from lightning_tracetrain.recording.layers import layer_parameters
+from lightning_tracetrain.recording.staging import DeltaStager
+from lightning_tracetrain.trace.codecs import Compressor, make_compressor
+from lightning_tracetrain.trace.records import StepRecord
+from lightning_tracetrain.trace.schema import ClassSpec, LayerSpec, StorageMode, TraceSpec
+from lightning_tracetrain.trace.store import ResumeState, check_new, create, open_to_resume
+from lightning_tracetrain.trace.writer import TraceWriter
+
+_CHUNK_BYTES = 32 * 2**20  # steps are buffered until a chunk of about this many raw bytes is full
+
+Param = tuple[str, str]  # (layer, parameter)
+
+
+@dataclass(frozen=True)
+class RecorderOptions:
+    """Where and how a trace is written (the ``TraceCallback`` arguments, validated there)."""
+
+    dirpath: str
+    storage: StorageMode = StorageMode.lossless
+    keepbits: int = 4
+    compressor: Compressor = "auto"
+    chunk_steps: int | None = None
+    overwrite: bool = False
+    max_pending_steps: int = 8
+    commit_every_s: float = 30.0
+    storage_options: dict[str, Any] | None = None
+
+
+@dataclass(frozen=True)
+class StepInfo:
+    """What the training loop knows about an optimizer step."""
+
+    global_step: int
+    epoch: int
+    batch_idx: int
+    lr: Sequence[float]
+
+
+class TraceRecorder:
+    """Records every optimizer step of ``layers`` into the trace at ``options.dirpath``.
+
+    Example:
+        >>> recorder = TraceRecorder(RecorderOptions("runs/trace"))  # doctest: +SKIP
+        >>> recorder.start(select_layers(model), module=ClassSpec("my.Model"), optimizers=[opt])  # doctest: +SKIP
+        >>> recorder.add_examples(index, labels, ghost); opt.step(); recorder.record(StepInfo(0, 0, 0, [0.1]))
+        >>> recorder.close()  # doctest: +SKIP
+    """
+
+    def __init__(self, options: RecorderOptions) -> None:
+        self.options = options
+        self._writer: TraceWriter | None = None
+        self._spec: TraceSpec | None = None
+        self._params: dict[Param, Tensor] = {}
+        self._prev: dict[Param, Tensor] = {}
+        self._initial: dict[Param, np.ndarray] | None = None
+        self._staged: list[Param] = []  # the parameters stored as deltas (the factored weights are not)
+        self._stager: DeltaStager | None = None
+        self._device = torch.device("cpu")
+        self._factored: FactoredSteps | None = None
+        self._resume: ResumeState | None = None
+        self._examples = _PendingExamples()
+
+    # ------------------------------------------------------------------ life cycle
+
+    def start(
+        self,
+        layers: Mapping[str, nn.Module],
+        *,
+        module: ClassSpec,
+        optimizers: Sequence[torch.optim.Optimizer],
+        datamodule: ClassSpec | None = None,
+        resume: ResumeState | None = None,
+    ) -> None:
+        """Check the target (or reopen the trace to resume) and keep a copy of the layers' weights."""
+        opts = self.options
+        named = {(name, p): t for name, m in layers.items() for p, t in layer_parameters(m).items()}
+        mode = StorageMode(opts.storage)
+        spec = TraceSpec(
+            layers=tuple(
+                LayerSpec(name, class_path(m), {p: tuple(t.shape) for p, t in layer_parameters(m).items()})
+                for name, m in layers.items()
+            ),
+            module=module,
+            datamodule=datamodule,
+            lr_columns=tuple(
+                f"optimizer{i}/group{j}" for i, o in enumerate(optimizers) for j in range(len(o.param_groups))
+            ),
+            chunk_steps=opts.chunk_steps or _default_chunk_steps(named.values()),
+            compressor=None if (c := make_compressor(opts.compressor, mode)) is None else c.to_dict(),
+            mode=mode,
+            keepbits=opts.keepbits if mode == StorageMode.compact else None,
+        )
+        self._params = named
+        self._prev = {k: t.detach().float().clone() for k, t in named.items()}
+        self._device = next(iter(named.values())).device
+        if resume is not None:
+            group, spec = open_to_resume(opts.dirpath, spec, resume, opts.storage_options)
+            self._open(group, start=resume.records, carry=resume.carry)
+        else:
+            check_new(opts.dirpath, spec, overwrite=opts.overwrite, storage_options=opts.storage_options)
+            self._initial = {k: t.cpu().numpy() for k, t in self._prev.items()}
+        self._spec = spec
+        self._staged = list(named)
+        if mode == StorageMode.factored:
+            linear = {n: m for n, m in layers.items() if isinstance(m, nn.Linear)}
+            groups = {n: g[1] for n, m in linear.items() if (g := param_group(optimizers, m.weight)) is not None}
+            if not groups:
+                warnings.warn(
+                    "TraceCallback(storage='factored') found no traced torch.nn.Linear layer updated by an "
+                    "optimizer; every layer is stored as lossless deltas.",
+                    stacklevel=2,
+                )
+            self._factored = FactoredSteps(
+                {n: linear[n] for n in groups}, groups, spec.factored if resume is not None else None
+            )
+        else:
+            self._stager = self._make_stager()
+
+    def close(self, *, raise_errors: bool = True) -> None:
+        """Commit what is queued and stop the writer; with ``raise_errors`` a write failure is raised."""
+        if self._factored is not None:
+            self._factored.remove()
+        writer, self._writer = self._writer, None
+        if writer is not None:
+            try:
+                writer.close(raise_errors=raise_errors)
+            finally:
+                self._resume = ResumeState(writer.run_id, writer.committed, writer.carry)
+
+    # ------------------------------------------------------------------ steps
+
+    def add_examples(self, index: np.ndarray, label: np.ndarray | None, ghost: np.ndarray) -> None:
+        """The dataset ids, labels (or None) and ghost flags of a batch that the next step trains on."""
+        self._examples.add(index, label, ghost)
+
+    def record(self, info: StepInfo) -> None:
+        """After an optimizer step: stage the layers' changes and queue the step for the writer."""
+        index, label, ghost = self._examples.take()
+        factors = None
+        if self._factored is not None:
+            taken = self._factored.take(len(index), info.global_step)
+            if self._stager is None:  # the first step of this fit: check the factors, then stage the rest
+                actual = dict(
+                    zip(
+                        self._staged, weight_deltas(self._tensors(self._params), self._tensors(self._prev)), strict=True
+                    )
+                )
+                self._factored.check(taken, actual)
+                assert self._spec is not None and self._factored.chosen is not None
+                self._spec = self._spec.with_factored(self._factored.chosen)
+                self._staged = self._spec.dense_params()
+                self._stager = self._make_stager()
+            factors = to_numpy(taken)
+        writer = self._writer or self._create()
+        assert self._stager is not None
+        staged = self._stager.stage(self._tensors(self._params), self._tensors(self._prev))
+        with torch.no_grad():
+            torch._foreach_copy_(self._tensors(self._prev), self._tensors(self._params))
+        writer.put(StepRecord(**vars(info), index=index, ghost=ghost, label=label, deltas=staged, factors=factors))
+
+    def record_skipped(self, info: StepInfo) -> None:
+        """A step the training loop counted without changing the weights (AMP found inf/nan): a zero delta."""
+        index, label, ghost = self._examples.take()
+        writer = self._writer or self._create()
+        writer.put(StepRecord(**vars(info), index=index, ghost=ghost, label=label, deltas=None))
+
+    def commit(self) -> ResumeState | None:
+        """Commit every queued step; returns what a checkpoint needs to resume this trace (None: no step yet)."""
+        if self._writer is None:
+            return self._resume
+        self._writer.flush()
+        return ResumeState(self._writer.run_id, self._writer.committed, self._writer.carry)
+
+    def last_global_step(self) -> int | None:
+        """Global step of the last committed step of a resumed trace (None for a new trace)."""
+        return None if self._writer is None or self._writer.committed == 0 else self._writer.last_global_step()
+
+    # ------------------------------------------------------------------ helpers
+
+    def _tensors(self, source: dict[Param, Tensor]) -> list[Tensor]:
+        return [source[k] for k in self._staged]
+
+    def _make_stager(self) -> DeltaStager:
+        """Staging buffers for the staged deltas, enough for every step that may wait for the writer."""
+        shapes = [self._params[k].shape for k in self._staged]
+        return DeltaStager(shapes, self._device, self.options.max_pending_steps + 2)
+
+    def _create(self) -> TraceWriter:
+        assert self._spec is not None and self._initial is not None, "start() comes before the first step"
+        opts = self.options
+        compressor = make_compressor(opts.compressor, self._spec.mode)
+        group = create(opts.dirpath, self._spec, self._initial, compressor, opts.storage_options)
+        self._initial = None
+        return self._open(group, start=0)
+
+    def _open(self, group: Any, start: int, carry: np.ndarray | None = None) -> TraceWriter:
+        opts = self.options
+        self._writer = TraceWriter(
+            group,
+            start=start,
+            max_pending=opts.max_pending_steps,
+            commit_every_s=opts.commit_every_s,
+            path=opts.dirpath,
+            carry=carry,
+        )
+        return self._writer
+
+
+class _PendingExamples:
+    """The example rows of the batches seen since the last step (all batches of an accumulation window)."""
+
+    def __init__(self) -> None:
+        self._pending: list[tuple[np.ndarray, np.ndarray | None, np.ndarray]] = []
+        self._last: tuple[np.ndarray, np.ndarray | None, np.ndarray] = (np.zeros(0, np.int64), None, np.zeros(0, bool))
+
+    def add(self, index: np.ndarray, label: np.ndarray | None, ghost: np.ndarray) -> None:
+        self._pending.append((index, label, ghost))
+
+    def take(self) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
+        """Merge the pending batches; a second step within the same batch (manual optimization) gets the same."""
+        if len(self._pending) == 1:  # the usual case: one batch, one step
+            self._last = self._pending[0]
+        elif self._pending:  # gradient accumulation: the step was produced by several batches
+            labels = [p[1] for p in self._pending]
+            label = None if any(lab is None for lab in labels) else np.concatenate(labels)  # type: ignore[arg-type]
+            self._last = (
+                np.concatenate([p[0] for p in self._pending]),
+                label,
+                np.concatenate([p[2] for p in self._pending]),
+            )
+        self._pending = []
+        return self._last
+
+
+def class_path(obj: Any) -> str:
+    """``module.QualName`` of a class or of an object's class."""
+    cls = obj if isinstance(obj, type) else type(obj)
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def class_spec(obj: Any) -> ClassSpec:
+    """Import path and JSON-safe hyperparameters (``save_hyperparameters``) of a module or datamodule."""
+    path = class_path(obj)
+    if "<locals>" in path:
+        warnings.warn(
+            f"{path} is defined inside a function, so tools cannot import it to rebuild the model from the trace; "
+            "define it at module level.",
+            stacklevel=3,
+        )
+    # LightningCLI adds private entries such as _class_path and _instantiator: not init arguments
+    hparams = {k: v for k, v in dict(getattr(obj, "hparams", {}) or {}).items() if not k.startswith("_")}
+    safe: dict[str, Any] = {}
+    for key, value in hparams.items():
+        try:
+            safe[key] = json.loads(json.dumps(value))
+        except (TypeError, ValueError):
+            warnings.warn(
+                f"Hyperparameter {key!r} of {type(obj).__name__} is not JSON-serializable and is stored as its repr; "
+                "tools that rebuild the model from the trace alone will need it passed explicitly.",
+                stacklevel=3,
+            )
+            safe[key] = repr(value)
+    return ClassSpec(path, safe)
+
+
+def _default_chunk_steps(params: Any) -> int:
+    step_bytes = sum(t.numel() for t in params) * 4
+    return int(max(1, min(256, _CHUNK_BYTES // max(1, step_bytes))))
