@@ -35,7 +35,7 @@ import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
-from lightning_tracetrain import IndexedDataset, Trace, TraceCallback
+from lightning_tracetrain import IndexedDataset, StorageMode, Trace, TraceCallback
 from lightning_tracetrain.batch import loader_class
 from lightning_tracetrain.trainer import quiet_trainer
 from lightning_tracetrain.workloads.config import build
@@ -139,7 +139,7 @@ def parser() -> argparse.ArgumentParser:
     parser.add_argument("--steps", type=int, default=400)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--batch-size", type=int, default=None, help="digits: configs/digits.yaml's; vgg16 128; gin 32")
-    parser.add_argument("--storage", default="lossless", choices=("lossless", "compact", "factored"))
+    parser.add_argument("--storage", default="lossless", choices=list(StorageMode))
     parser.add_argument("--out", type=Path, default=None, help="default benchmarks/results/overhead_WORKLOAD_ACC.json")
     return parser
 

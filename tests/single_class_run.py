@@ -22,6 +22,7 @@ from torch.utils.data import TensorDataset
 from lightning_tracetrain import TraceCallback
 from lightning_tracetrain.functional import real_cross_entropy
 from lightning_tracetrain.singleclass import GhostBatchNorm1d, SingleClassBatchesMixin
+from lightning_tracetrain.trainer import quiet_trainer
 
 
 class Blobs(SingleClassBatchesMixin, pl.LightningDataModule):
@@ -67,16 +68,12 @@ def main() -> None:
     parser.add_argument("--devices", type=int, default=2)
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    trainer = pl.Trainer(
+    trainer = quiet_trainer(
         accelerator="cpu",
         devices=args.devices,
         strategy="ddp",
         use_distributed_sampler=False,
         max_epochs=2,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
         callbacks=[TraceCallback(args.out / "trace")],
     )
     model = Net(str(args.out))

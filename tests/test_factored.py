@@ -4,41 +4,15 @@ from __future__ import annotations
 
 from typing import Any
 
-import lightning.pytorch as pl
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
-from conftest import TinyGNN, assert_reconstructs, image_loader, quiet_trainer, tiny_graphs
-from torch import Tensor, nn
+from conftest import PlainNet, TinyGNN, assert_reconstructs, image_loader, quiet_trainer, tiny_graphs
+from torch import nn
 
 from lightning_tracetrain import Trace, TraceCallback
 from lightning_tracetrain import functional as Fx
 from lightning_tracetrain.explain import Explainer, example_attribution
-
-
-class PlainNet(pl.LightningModule):
-    """Conv -> ReLU -> Linear(36, 32) -> ReLU -> Linear(32, 3), trained with SGD."""
-
-    def __init__(self, momentum: float = 0.0, penalty: float = 0.0, bias_lr: float | None = None) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(1, 4, 3, stride=2, padding=1)
-        self.fc = nn.Linear(36, 32)
-        self.head = nn.Linear(32, 3)
-        self.momentum, self.penalty, self.bias_lr = momentum, penalty, bias_lr
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.head(F.relu(self.fc(F.relu(self.conv(x)).flatten(1))))
-
-    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
-        loss = F.cross_entropy(self(batch["x"]), batch["y"])
-        return loss + self.penalty * self.fc.weight.pow(2).sum()
-
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        if self.bias_lr is None:
-            return torch.optim.SGD(self.parameters(), lr=0.1, momentum=self.momentum)
-        rest = [p for n, p in self.named_parameters() if n != "fc.bias"]
-        return torch.optim.SGD([{"params": rest}, {"params": [self.fc.bias], "lr": self.bias_lr}], lr=0.1)
 
 
 @pytest.fixture(scope="module")

@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_tracetrain import IndexedDataset, TraceCallback
+from lightning_tracetrain.trainer import quiet_trainer
 
 
 class SlowNet(pl.LightningModule):
@@ -73,15 +74,13 @@ def main() -> None:
     momentum = 0.0 if args.storage == "factored" else 0.9
     model = SlowNet(sleep=args.sleep, snaps=str(args.out / "snaps"), momentum=momentum)
     torch.save({k: v.detach().clone() for k, v in model.named_parameters()}, args.out / "snaps" / "step_0.pt")
-    trainer = pl.Trainer(
+    trainer = quiet_trainer(
         accelerator="cpu",
         devices=args.devices,
         strategy="ddp" if args.devices > 1 else "auto",
         max_steps=args.max_steps,
         max_epochs=args.epochs,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
+        enable_checkpointing=True,
         callbacks=[
             TraceCallback(args.trace or args.out / "trace", chunk_steps=3, storage=args.storage),
             ModelCheckpoint(args.out / "ckpt", filename="{step}", every_n_train_steps=5, save_top_k=-1),

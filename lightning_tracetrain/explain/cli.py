@@ -101,7 +101,7 @@ def _picture(item: Any) -> Any:
 
 
 def _label(item: Any) -> int:
-    y = batch_field(item, "y") if isinstance(item, Mapping) or hasattr(item, "y") else None
+    y = batch_field(item, "y")
     return int(torch.as_tensor(y).reshape(-1)[0]) if y is not None else -1
 
 

@@ -158,6 +158,6 @@ def _example(index: int, label: Tensor, score: Tensor) -> dict[str, Any]:
 
 
 def _rounded(values: Any) -> Any:
-    """Numbers rounded to 5 significant digits, as (nested) lists: small JSON, no visible loss in a figure."""
+    """Numbers rounded to 4 decimals, as (nested) lists: small JSON, no visible loss in a figure."""
     array = np.asarray(values.detach().cpu() if isinstance(values, Tensor) else values, dtype=np.float64)
-    return np.vectorize(lambda v: float(f"{v:.5g}"), otypes=[float])(array).tolist() if array.size else []
+    return np.round(array, 4).tolist()

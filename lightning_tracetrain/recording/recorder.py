@@ -77,6 +77,8 @@ class TraceRecorder:
         self._prev: dict[Param, Tensor] = {}
         self._initial: dict[Param, np.ndarray] | None = None
         self._staged: list[Param] = []  # the parameters stored as deltas (the factored weights are not)
+        self._after: list[Tensor] = []  # their tensors, and ...
+        self._before: list[Tensor] = []  # ... float32 copies from before the step, in the same order
         self._stager: DeltaStager | None = None
         self._device = torch.device("cpu")
         self._factored: FactoredSteps | None = None
@@ -123,7 +125,7 @@ class TraceRecorder:
             check_new(opts.dirpath, spec, overwrite=opts.overwrite, storage_options=opts.storage_options)
             self._initial = {k: t.cpu().numpy() for k, t in self._prev.items()}
         self._spec = spec
-        self._staged = list(named)
+        self._stage(list(named))
         if mode == StorageMode.factored:
             linear = {n: m for n, m in layers.items() if isinstance(m, nn.Linear)}
             groups = {n: g[1] for n, m in linear.items() if (g := param_group(optimizers, m.weight)) is not None}
@@ -163,26 +165,27 @@ class TraceRecorder:
         if self._factored is not None:
             taken = self._factored.take(len(index), info.global_step)
             if self._stager is None:  # the first step of this fit: check the factors, then stage the rest
-                actual = dict(
-                    zip(
-                        self._staged, weight_deltas(self._tensors(self._params), self._tensors(self._prev)), strict=True
-                    )
-                )
+                actual = dict(zip(self._staged, weight_deltas(self._after, self._before), strict=True))
                 self._factored.check(taken, actual)
                 assert self._spec is not None and self._factored.chosen is not None
                 self._spec = self._spec.with_factored(self._factored.chosen)
-                self._staged = self._spec.dense_params()
+                self._stage(self._spec.dense_params())
                 self._stager = self._make_stager()
             factors = to_numpy(taken)
         writer = self._writer or self._create()
         assert self._stager is not None
-        staged = self._stager.stage(self._tensors(self._params), self._tensors(self._prev))
+        staged = self._stager.stage(self._after, self._before)
         with torch.no_grad():
-            torch._foreach_copy_(self._tensors(self._prev), self._tensors(self._params))
+            torch._foreach_copy_(self._before, self._after)
         writer.put(StepRecord(**vars(info), index=index, ghost=ghost, label=label, deltas=staged, factors=factors))
 
     def record_skipped(self, info: StepInfo) -> None:
         """A step the training loop counted without changing the weights (AMP found inf/nan): a zero delta."""
+        if self._factored is not None and self._factored.chosen is None:
+            raise RuntimeError(
+                f"TraceCallback(storage='factored') got a skipped step ({info.global_step}) before its first step: "
+                "its layers are chosen on a real step. Trace this run with storage='lossless'."
+            )
         index, label, ghost = self._examples.take()
         writer = self._writer or self._create()
         writer.put(StepRecord(**vars(info), index=index, ghost=ghost, label=label, deltas=None))
@@ -200,8 +203,11 @@ class TraceRecorder:
 
     # ------------------------------------------------------------------ helpers
 
-    def _tensors(self, source: dict[Param, Tensor]) -> list[Tensor]:
-        return [source[k] for k in self._staged]
+    def _stage(self, keys: list[Param]) -> None:
+        """Store these parameters as deltas from now on (``_prev`` keeps every parameter's last value)."""
+        self._staged = keys
+        self._after = [self._params[k] for k in keys]
+        self._before = [self._prev[k] for k in keys]
 
     def _make_stager(self) -> DeltaStager:
         """Staging buffers for the staged deltas, enough for every step that may wait for the writer."""

@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> DemoResult:
 
     trace = Trace(trace_dir)
     print(trace.summary())
-    print(f"\ntest accuracy {result['test_acc']:.3f}; checkpoint {ckpt}")
+    print(f"\ntest accuracy {result['test_acc']:.3f}; checkpoint {_shown(ckpt)}")
 
     out = Path(trainer.default_root_dir) / "explanations"
     doc = explain(ExplainArguments(ckpt=ckpt, trace=trace_dir, queries=args.queries, out=str(out)))
@@ -79,6 +79,14 @@ def main(argv: list[str] | None = None) -> DemoResult:
         )
         print(f"\nreport: {out / 'report.html'}  (open it in a browser; data: {out / 'influence.json'})")
     return DemoResult(trace, ckpt, doc, specificity)
+
+
+def _shown(path: str) -> str:
+    """``path`` relative to the working directory when it is below it (as a user would type it)."""
+    try:
+        return str(Path(path).resolve().relative_to(Path.cwd()))
+    except ValueError:
+        return path
 
 
 def _shares(class_scores: dict[str, float]) -> str:
