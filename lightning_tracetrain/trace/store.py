@@ -135,29 +135,6 @@ def create(
     storage_options: dict[str, Any] | None = None,
 ) -> zarr.Group:
     """Create a trace holding ``initial`` weights and no step, replacing what :func:`check_new` allowed."""
-    if is_url(path):
-        return _build(path, spec, initial, compressor, storage_options)
-    final = Path(path)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.parent / f".{final.name}.creating-{uuid.uuid4().hex[:8]}"
-    try:
-        _build(str(tmp), spec, initial, compressor)
-        if final.exists():  # an empty directory, or a trace the user asked to overwrite
-            shutil.rmtree(final)
-        os.rename(tmp, final)
-    except OSError as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise TraceWriteError(f"Creating the trace at {path} failed ({exc}); nothing was left behind.") from exc
-    return open_group(path, "r+")
-
-
-def _build(
-    path: str,
-    spec: TraceSpec,
-    initial: dict[tuple[str, str], np.ndarray],
-    compressor: zarr.abc.codec.BytesBytesCodec | None,
-    storage_options: dict[str, Any] | None = None,
-) -> zarr.Group:
     attrs = {
         "format": schema.FORMAT,
         "format_version": schema.FORMAT_VERSION,
@@ -169,7 +146,29 @@ def _build(
         "examples_committed": 0,
         **spec.to_attrs(),
     }
-    group = open_group(path, "w", storage_options, attributes=attrs)
+    if is_url(path):
+        return _fill(open_group(path, "w", storage_options, attributes=attrs), spec, initial, compressor)
+    final = Path(path)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.parent / f".{final.name}.creating-{uuid.uuid4().hex[:8]}"
+    try:
+        _fill(open_group(str(tmp), "w", attributes=attrs), spec, initial, compressor)
+        if final.exists():  # an empty directory, or a trace the user asked to overwrite
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise TraceWriteError(f"Creating the trace at {path} failed ({exc}); nothing was left behind.") from exc
+    return open_group(path, "r+")
+
+
+def _fill(
+    group: zarr.Group,
+    spec: TraceSpec,
+    initial: dict[tuple[str, str], np.ndarray],
+    compressor: zarr.abc.codec.BytesBytesCodec | None,
+) -> zarr.Group:
+    """Create the arrays of a new trace in ``group``, write the initial weights, then mark it initialized."""
     shapes = {(lay.name, p): shape for lay in spec.layers for p, shape in lay.params.items()}
     for (layer, param), shape in shapes.items():
         init = group.create_array(
