@@ -73,10 +73,12 @@ def test_evaluate_end_to_end_on_a_short_run(tmp_path):
     )
     layers = ["net.conv1", "net.conv2", "net.fc1", "net.fc2"]
     expected = {f"ours {lay} ({s})" for lay in layers for s in ("gamma", "cosine")}
-    expected |= {f"TracIn {lay} ({s})" for lay in layers for s in ("dot", "cosine")} | {"Representer Points"}
+    expected |= {f"TracIn {lay} ({s})" for lay in layers for s in ("dot", "cosine")}
+    expected |= {"Representer Points", "Representer Points (authors' kernel)"}
     assert set(result["identical_class"]) == expected
     lowest = {f"ours {lay} ({s}, lowest first)" for lay in layers for s in ("gamma", "cosine")}
-    assert set(result["mislabel_detection"]) == (expected | lowest) - {f"TracIn {lay} (cosine)" for lay in layers}
+    no_self_influence = {f"TracIn {lay} (cosine)" for lay in layers} | {"Representer Points (authors' kernel)"}
+    assert set(result["mislabel_detection"]) == (expected | lowest) - no_self_influence
     assert all(0.0 <= v <= 1.0 for v in result["identical_class"].values())
     # 12 queries: every share is a multiple of 1/12
     assert all(abs(v * 12 - round(v * 12)) < 1e-9 for v in result["identical_class"].values())

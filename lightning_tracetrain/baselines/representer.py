@@ -5,14 +5,21 @@ the model's own softmax outputs with an L2 penalty ``lambda ||W||^2``. At that
 stationary point ``W = sum_i alpha_i f_i^T`` with
 ``alpha_i = (softmax_i - targets_i) / (-2 lambda n)``, so the fine-tuned logits
 of any input ``t`` are exactly ``sum_i alpha_i <f_i, f_t>`` (the representer
-values). The bias is handled as a weight on a constant feature 1.
+values). The bias is handled as a weight on a constant feature 1, as in the
+authors' fine-tuning code.
+
+Two conventions for the values: ``"logits"`` (default) keeps the constant
+feature in the kernel, ``alpha_ic (<f_i, f_t> + 1)``, so the values of all
+training examples add up to the fine-tuned logit of class ``c``; ``"authors"``
+uses the raw features, ``alpha_ic <f_i, f_t>``, as the authors' notebooks do.
+Both share ``alpha`` and so the self-influence ``|alpha_i,y_i|``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from lightning.pytorch.utilities import move_data_to_device
@@ -89,6 +96,8 @@ class RepresenterPoints:
         targets: ``"predicted"``: fine-tune towards the model's own softmax outputs (explains the model's
             predictions); ``"labels"``: towards the training labels (the loss the model was trained with;
             Yeh et al.'s dataset debugging, where ``|alpha_i,y_i|`` ranks suspicious labels).
+        convention: ``"logits"``: values ``alpha_ic (<f_i, f_t> + 1)``, which add up to the fine-tuned logits;
+            ``"authors"``: ``alpha_ic <f_i, f_t>`` on the raw features, as in Yeh et al.'s notebooks.
 
     Example:
         >>> rp = RepresenterPoints(model).fit(train_loader)  # doctest: +SKIP
@@ -97,12 +106,15 @@ class RepresenterPoints:
 
     model: nn.Module
     lam: float = 0.003
-    targets: str = "predicted"
+    targets: Literal["predicted", "labels"] = "predicted"
+    convention: Literal["logits", "authors"] = "logits"
 
     def fit(self, train_batches: Iterable[Any]) -> RepresenterPoints:
         """Fine-tune the last layer on the training features (towards ``targets``)."""
         if self.targets not in ("predicted", "labels"):
             raise ValueError(f"targets must be 'predicted' or 'labels', got {self.targets!r}.")
+        if self.convention not in ("logits", "authors"):
+            raise ValueError(f"convention must be 'logits' or 'authors', got {self.convention!r}.")
         self.layer_name, layer = last_linear(self.model)
         self.features, logits, self.labels = layer_features(self.model, layer, train_batches)
         if self.targets == "labels":
@@ -125,10 +137,14 @@ class RepresenterPoints:
         return f_t @ self.weight.T, (f_t @ self.features.T) @ self.alpha
 
     def values(self, test_batches: Iterable[Any]) -> tuple[Tensor, Tensor]:
-        """``alpha_ic <f_i, f_t>`` for each test input's predicted class ``c``: ``(Q, n)``, and the predictions."""
+        """The representer values for each test input's predicted class ``c``, ``(Q, n)``, and the predictions.
+
+        ``alpha_ic (<f_i, f_t> + 1)`` (``convention="logits"``) or ``alpha_ic <f_i, f_t>`` (``"authors"``).
+        """
         f_t, logits, _ = layer_features(self.model, last_linear(self.model)[1], test_batches)
         predicted = logits.argmax(-1)
-        return (f_t @ self.features.T) * self.alpha[:, predicted].T, predicted
+        raw = slice(None) if self.convention == "logits" else slice(None, -1)  # the last feature is the constant 1
+        return (f_t[:, raw] @ self.features[:, raw].T) * self.alpha[:, predicted].T, predicted
 
 
 def _bias(layer: nn.Linear) -> Tensor:

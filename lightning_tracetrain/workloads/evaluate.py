@@ -107,9 +107,11 @@ def identical_class_test(
             result[f"ours {layer} ({score})"] = identical_class(s, labels, predicted)
     log("  Representer Points: fine-tuning the last layer")
     rp = RepresenterPoints(model).fit(train_batches)
-    values, rp_predicted = rp.values(test_batches)
     train_labels = rp.labels.cpu()
-    result["Representer Points"] = identical_class(values.cpu(), train_labels, rp_predicted.cpu())
+    for convention, name in (("logits", "Representer Points"), ("authors", "Representer Points (authors' kernel)")):
+        rp.convention = convention  # the same fine-tuned layer and alpha; the values differ by alpha_ic
+        values, rp_predicted = rp.values(test_batches)
+        result[name] = identical_class(values.cpu(), train_labels, rp_predicted.cpu())
     tracin = TracIn(model, trace)
     log(f"  TracIn: {len(tracin.checkpoints)} checkpoints rebuilt from the trace")
     for cosine, kind in ((False, "dot"), (True, "cosine")):
