@@ -16,6 +16,8 @@ from lightning_tracetrain._version import __version__
 from lightning_tracetrain.batch import IndexedDataset
 from lightning_tracetrain.exceptions import (
     MissingIndexError,
+    TraceBusyError,
+    TraceCorruptError,
     TraceExistsError,
     TraceFormatError,
     TraceMismatchError,
@@ -46,7 +48,9 @@ __all__ = [
     "SingleClassBatchesMixin",
     "StorageMode",
     "Trace",
+    "TraceBusyError",
     "TraceCallback",
+    "TraceCorruptError",
     "TraceExistsError",
     "TraceFormatError",
     "TraceMismatchError",

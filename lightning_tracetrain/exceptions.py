@@ -33,6 +33,14 @@ class TraceFormatError(TraceTrainError, ValueError):
     """A path is not a trace, or a trace of a format version this code cannot read."""
 
 
+class TraceCorruptError(TraceFormatError):
+    """A trace's data or counters are damaged or impossible; the message names what and what still can be used."""
+
+
+class TraceBusyError(TraceTrainError, RuntimeError):
+    """Another live run holds the trace's lease: two writers would destroy each other's steps."""
+
+
 class TraceWriteError(TraceTrainError, OSError):
     """Writing the trace failed (full disk, lost permissions); committed steps stay readable."""
 

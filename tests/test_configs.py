@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from conftest import make_fake_ogbg_ppa
 
-from lightning_tracetrain import Trace
+from lightning_tracetrain import Trace, TraceExistsError
 from lightning_tracetrain.explain.cli import main as explain_main
 from lightning_tracetrain.lightning_cli import cli_main
 
@@ -46,6 +46,18 @@ def test_digits_config(tmp_path, monkeypatch):
     assert trace.module.class_path == "lightning_tracetrain.workloads.models.cnn.DigitsCNN"
     assert trace.module.init_args["ghost_batch_norm"] is True and "_class_path" not in trace.module.init_args
     _assert_exact(doc)
+
+
+def test_trace_options_are_overridden_by_name_and_a_rerun_never_replaces_a_trace(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    args = ["--config", str(CONFIGS / "digits.yaml"), "--trainer.max_steps", "2", "--trainer.limit_val_batches", "1"]
+    cli_main(["fit", *args, "--trace.dirpath", "elsewhere/trace", "--trace.storage", "compact"])
+    trace = Trace("elsewhere/trace")
+    assert trace.num_steps == 2 and trace.storage == "compact" and not Path("runs/digits/trace").exists()
+    with pytest.raises(TraceExistsError, match=r"--trace.overwrite true"):
+        cli_main(["fit", *args, "--trace.dirpath", "elsewhere/trace"])
+    cli_main(["fit", *args, "--trace.dirpath", "elsewhere/trace", "--trace.overwrite", "true"])
+    assert Trace("elsewhere/trace").storage == "lossless"
 
 
 def test_digits_factored_config_attributes_mixed_batches_exactly(tmp_path, monkeypatch):

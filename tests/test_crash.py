@@ -17,6 +17,7 @@ import zarr
 from conftest import assert_matches_snapshots, replay_error_feedback
 
 from lightning_tracetrain import Trace
+from lightning_tracetrain.trace.lease import lease_path
 
 SCRIPT = Path(__file__).with_name("trace_run.py")
 pytestmark = pytest.mark.slow
@@ -81,6 +82,7 @@ def test_compact_resume_after_kill_continues_without_gap_and_keeps_its_carry(tmp
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     killed_at = Trace(tmp_path / "trace").num_steps
+    assert Path(lease_path(str(tmp_path / "trace"))).exists()  # the killed run's lease: its process is gone
 
     ckpts = sorted((tmp_path / "ckpt").glob("step=*.ckpt"), key=lambda p: int(p.stem.split("=")[1]))
     loadable = [p for p in ckpts if _loads(p)]  # the kill may have cut the newest one short
@@ -93,7 +95,7 @@ def test_compact_resume_after_kill_continues_without_gap_and_keeps_its_carry(tmp
     assert proc.wait(timeout=300) == 0, proc.stderr.read().decode()[-3000:]
 
     trace = Trace(tmp_path / "trace")
-    assert trace.num_steps == 30
+    assert trace.num_steps == 30 and not Path(lease_path(str(tmp_path / "trace"))).exists()  # taken over, released
     np.testing.assert_array_equal(trace.steps.global_step, np.arange(30))  # no gap, no duplicate
     # steps up to the checkpoint come from the first run, the rest from the resumed one (its snapshots)
     _assert_steps(trace, tmp_path, range(31))

@@ -212,6 +212,24 @@ def test_cli_names_bad_input(run, tmp_path, capsys):
         assert message in err and "Traceback" not in err, err
 
 
+def test_query_batches_give_the_same_document_and_the_report_draws_the_first_ones(run, tmp_path):
+    args = ["--ckpt", str(run / "checkpoints" / "last.ckpt"), "--trace", str(run / "trace"), "--queries", "5", "3", "9"]
+    whole = explain_main([*args, "--out", str(tmp_path / "whole")])
+    batched = explain_main([*args, "--out", str(tmp_path / "batched"), "--query-batch", "2", "--report-queries", "1"])
+    assert [q["query"] for q in batched["queries"]] == [5, 3, 9]
+    for a, b in zip(whole["queries"], batched["queries"], strict=True):
+        for name, layer in a["layers"].items():
+            other = b["layers"][name]
+            _assert_same(
+                {k: v for k, v in layer.items() if k != "ridge"}, {k: v for k, v in other.items() if k != "ridge"}
+            )
+            assert ("ridge" in other) == (a is whole["queries"][0])  # figures for the first query only
+    assert set(batched["images"]["test"]) == {"5"}
+    report = (tmp_path / "batched" / "report.html").read_text()
+    assert report.count("<h2>Query ") == 1 and "Figures for the first 1 of 3 queries" in report
+    assert all(f"<tr><td>{q}</td>" in report for q in (5, 3, 9))  # every query in the summary table
+
+
 def _assert_same(a, b, path=""):
     """Equal documents, floats to tolerance (paths of the inputs may differ)."""
     if isinstance(a, dict):

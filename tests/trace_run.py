@@ -1,7 +1,7 @@
 """A traced training run in its own process, for the crash and resume tests.
 
 Usage: python tests/trace_run.py OUT [--max-steps N] [--epochs E] [--sleep S] [--resume CKPT] [--devices D]
-       [--trace URL] [--storage MODE]
+       [--trace URL] [--storage MODE] [--overwrite] [--hold FILE]
 
 Writes OUT/trace, a snapshot of the weights after every optimizer step
 (OUT/snaps/step_K.pt, saved before the trace sees the step) and, every 5 steps,
@@ -28,7 +28,7 @@ from lightning_tracetrain.trainer import quiet_trainer
 
 
 class SlowNet(pl.LightningModule):
-    def __init__(self, sleep: float = 0.0, snaps: str = "", momentum: float = 0.9) -> None:
+    def __init__(self, sleep: float = 0.0, snaps: str = "", momentum: float = 0.9, hold: str = "") -> None:
         super().__init__()
         self.save_hyperparameters()
         self.conv = nn.Conv2d(1, 4, 3, padding=1)
@@ -40,6 +40,8 @@ class SlowNet(pl.LightningModule):
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         time.sleep(self.hparams.sleep)
+        while self.hparams.hold and self.global_step == 10 and not Path(self.hparams.hold).exists():
+            time.sleep(0.05)  # the test lets the run go on by creating the file
         return F.cross_entropy(self(batch["x"]), batch["y"])
 
     def configure_optimizers(self) -> Any:
@@ -65,6 +67,8 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=-1)
     parser.add_argument("--storage", default="lossless", help="TraceCallback storage (factored: plain SGD)")
     parser.add_argument("--trace", default=None, help="where the trace goes (default OUT/trace; may be a URL)")
+    parser.add_argument("--overwrite", action="store_true", help="TraceCallback(overwrite=True)")
+    parser.add_argument("--hold", default="", help="wait at global step 10 until this file exists")
     args = parser.parse_args()
     (args.out / "snaps").mkdir(parents=True, exist_ok=True)
     pl.seed_everything(0, verbose=False)
@@ -72,7 +76,7 @@ def main() -> None:
     data = IndexedDataset(TensorDataset(torch.randn(48, 1, 6, 6, generator=g), torch.randint(0, 3, (48,), generator=g)))
     loader = DataLoader(data, batch_size=8, shuffle=True, generator=g)
     momentum = 0.0 if args.storage == "factored" else 0.9
-    model = SlowNet(sleep=args.sleep, snaps=str(args.out / "snaps"), momentum=momentum)
+    model = SlowNet(sleep=args.sleep, snaps=str(args.out / "snaps"), momentum=momentum, hold=args.hold)
     torch.save({k: v.detach().clone() for k, v in model.named_parameters()}, args.out / "snaps" / "step_0.pt")
     trainer = quiet_trainer(
         accelerator="cpu",
@@ -82,7 +86,9 @@ def main() -> None:
         max_epochs=args.epochs,
         enable_checkpointing=True,
         callbacks=[
-            TraceCallback(args.trace or args.out / "trace", chunk_steps=3, storage=args.storage),
+            TraceCallback(
+                args.trace or args.out / "trace", chunk_steps=3, storage=args.storage, overwrite=args.overwrite
+            ),
             ModelCheckpoint(args.out / "ckpt", filename="{step}", every_n_train_steps=5, save_top_k=-1),
         ],
     )

@@ -46,6 +46,18 @@ class ExplainArguments:
         "rank examples by their summed gamma (Algorithm 1) or by their summed cosine", "gamma"
     )
     privacy: bool = option("class-level aggregates only: no example ids, no images", False)
+    query_batch: int = option(
+        "queries explained per pass over the trace: memory grows with it (each query keeps a gradient the size of "
+        "the traced parameters), and the trace is read once per batch",
+        512,
+        metavar="N",
+    )
+    report_queries: int = option(
+        "queries drawn in report.html (ridge plots, images); every query is in influence.json and in the report's "
+        "summary table",
+        20,
+        metavar="N",
+    )
     bandwidth: float = option("KDE bandwidth of the ridge plots (cosines live in [-1, 1])", 0.1)
     num_workers: int = option("DataLoader worker processes reading the trace (0: a reading thread)", 0)
     cladec: str | None = option(
@@ -83,6 +95,12 @@ class ExplainArguments:
             problems.append(f"--top-k must be 0 or more, got {self.top_k}")
         if not self.bandwidth > 0:
             problems.append(f"--bandwidth must be positive, got {self.bandwidth}")
+        if self.query_batch < 1:
+            problems.append(f"--query-batch must be at least 1, got {self.query_batch}")
+        if self.report_queries < 0:
+            problems.append(f"--report-queries must be 0 or more, got {self.report_queries}")
+        if not self.queries:
+            problems.append("--queries needs at least one test-set index")
         if self.num_workers < 0:
             problems.append(f"--num-workers must be 0 or more, got {self.num_workers}")
         if not 0.0 <= self.cladec_alpha <= 1.0:

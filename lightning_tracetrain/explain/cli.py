@@ -24,7 +24,7 @@ from lightning_tracetrain.baselines.cladec import fit_decoders
 from lightning_tracetrain.batch import batch_field
 from lightning_tracetrain.exceptions import TraceTrainError
 from lightning_tracetrain.explain.arguments import ExplainArguments, dataclass_parser, parse
-from lightning_tracetrain.explain.document import Query, influence_document, picture
+from lightning_tracetrain.explain.document import Query, influence_document, merge_documents, picture
 from lightning_tracetrain.explain.explainer import Explainer
 from lightning_tracetrain.explain.loading import load_datamodule
 from lightning_tracetrain.explain.report import write_report
@@ -43,6 +43,9 @@ def explain(args: ExplainArguments) -> dict[str, Any]:
 
     With ``devices > 1`` the pass over the trace is sharded over the devices by Lightning's DDP
     (one process per device); only rank 0 writes the files, the other ranks return ``{}``.
+
+    Queries are explained ``query_batch`` at a time (one pass over the trace each), so memory stays bounded
+    for thousands of queries; only the first ``report_queries`` carry figures.
     """
     trace = Trace(args.trace, args.storage_options)
     explainer = Explainer.from_checkpoint(args.ckpt, trace, args.layers, trust=args.trust)
@@ -54,40 +57,51 @@ def explain(args: ExplainArguments) -> dict[str, Any]:
                 f"Query {q} is out of range: the test set of {type(datamodule).__name__} has {len(test.dataset)} "
                 f"examples (0..{len(test.dataset) - 1})."
             )
-    items = {q: test.dataset[q] for q in args.queries}
-    logits = explainer.set_queries([test.collate_fn([items[q]]) for q in args.queries])
-    results = explainer.run(num_workers=args.num_workers, devices=args.device_count, accelerator=args.accelerator)
-    if explainer.global_rank_ != 0:
-        return {}  # every rank holds the whole result; rank 0 writes it
-
     train_set = datamodule.train_dataloader().dataset
-    queries = [Query(q, _label(items[q]), _picture(items[q])) for q in args.queries]
-    cladec = None
+    decoders = {}
     if args.cladec is not None and not args.privacy:
         decoders = fit_decoders(explainer.model, args.cladec, train_set, (args.cladec_alpha,), args.cladec_epochs)
-        cladec = {
-            "layer": args.cladec,
-            "alpha": args.cladec_alpha,
-            "epochs": args.cladec_epochs,
-            "reconstructions": {
-                q: {name: picture(d.reconstruct(items[q]["x"][None])[0]) for name, d in decoders.items()}
-                for q in args.queries
-            },
-        }
-    doc = influence_document(
-        trace,
-        explainer.stop,
-        results,
-        logits,
-        queries,
-        checkpoint=args.ckpt,
-        score=args.score,
-        top_k=args.top_k,
-        privacy=args.privacy,
-        bandwidth=args.bandwidth,
-        train_images=lambda i: _picture(train_set[i]),
-        cladec=cladec,
-    )
+    docs = []
+    for first in range(0, len(args.queries), args.query_batch):  # memory: one batch of queries at a time
+        batch = args.queries[first : first + args.query_batch]
+        items = {q: test.dataset[q] for q in batch}
+        logits = explainer.set_queries([test.collate_fn([items[q]]) for q in batch])
+        results = explainer.run(num_workers=args.num_workers, devices=args.device_count, accelerator=args.accelerator)
+        if explainer.global_rank_ != 0:
+            continue  # every rank holds the whole result; rank 0 writes it
+        figures = max(0, args.report_queries - first)
+        cladec = None
+        if decoders:
+            cladec = {
+                "layer": args.cladec,
+                "alpha": args.cladec_alpha,
+                "epochs": args.cladec_epochs,
+                "reconstructions": {
+                    q: {name: picture(d.reconstruct(items[q]["x"][None])[0]) for name, d in decoders.items()}
+                    for q in batch[:figures]
+                },
+            }
+        docs.append(
+            influence_document(
+                trace,
+                explainer.stop,
+                results,
+                logits,
+                [Query(q, _label(items[q]), _picture(items[q])) for q in batch],
+                checkpoint=args.ckpt,
+                score=args.score,
+                top_k=args.top_k,
+                privacy=args.privacy,
+                bandwidth=args.bandwidth,
+                train_images=lambda i: _picture(train_set[i]),
+                cladec=cladec,
+                figures=figures,
+            )
+        )
+        del results  # the next batch's pass starts from nothing
+    if explainer.global_rank_ != 0:
+        return {}
+    doc = merge_documents(docs)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "influence.json").write_text(json.dumps(doc, indent=1))

@@ -50,12 +50,20 @@ def influence_document(
     bandwidth: float = 0.1,
     train_images: Images | None = None,
     cladec: dict[str, Any] | None = None,
+    figures: int | None = None,
 ) -> dict[str, Any]:
     """The document for ``queries`` (in the order of ``logits`` and of the results' query axis).
 
-    ``cladec`` (``{"layer", "alpha", "epochs", "reconstructions": {query index: {decoder: image}}}``) is
-    added as it is; images are left out in privacy mode.
+    Only the first ``figures`` queries (default: all) carry what the report draws, ridge densities and
+    images, so a document of thousands of queries stays small. ``cladec`` (``{"layer", "alpha", "epochs",
+    "reconstructions": {query index: {decoder: image}}}``) is added as it is; images are left out in privacy
+    mode. Documents of consecutive query batches are joined with :func:`merge_documents`.
     """
+    if top_k < 0:
+        raise ValueError(f"top_k must be 0 or more, got {top_k}.")
+    if not bandwidth > 0:
+        raise ValueError(f"The ridge plots' bandwidth must be positive, got {bandwidth}.")
+    figures = len(queries) if figures is None else max(0, figures)
     probs = logits.float().softmax(-1).cpu()
     grid = torch.linspace(GRID["start"], GRID["stop"], GRID["points"])
     doc: dict[str, Any] = {
@@ -82,16 +90,17 @@ def influence_document(
         classes = probs[qi].argsort(descending=True)[:RIDGE_CLASSES].tolist()
         for name, attribution in results.items():
             layer = _layer(trace, stop, attribution, qi, score, top_k, privacy)
-            densities = ridge_densities(attribution, trace.steps.label, qi, grid, bandwidth)
-            layer["ridge"] = {
-                "classes": classes,
-                "density": {str(c): _rounded(densities[c]) for c in classes if c in densities},
-            }
-            shown.update(e["example"] for e in layer.get("top_examples", []) + layer.get("opponents", []))
+            if qi < figures:
+                densities = ridge_densities(attribution, trace.steps.label, qi, grid, bandwidth)
+                layer["ridge"] = {
+                    "classes": classes,
+                    "density": {str(c): _rounded(densities[c]) for c in classes if c in densities},
+                }
+                shown.update(e["example"] for e in layer.get("top_examples", []) + layer.get("opponents", []))
             entry["layers"][name] = layer
         doc["queries"].append(entry)
     if not privacy:
-        test = {str(q.index): _rounded(q.image) for q in queries if q.image is not None}
+        test = {str(q.index): _rounded(q.image) for q in queries[:figures] if q.image is not None}
         train = {str(i): _rounded(img) for i in sorted(shown) if (img := _image(train_images, i)) is not None}
         if test or train:
             doc["images"] = {"test": test, "train": train}
@@ -101,6 +110,19 @@ def influence_document(
             }
             doc["cladec"] = {**cladec, "reconstructions": reconstructions}
     return doc
+
+
+def merge_documents(docs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One document from the documents of consecutive query batches (same trace and options)."""
+    merged = {**docs[0], "queries": [q for doc in docs for q in doc["queries"]]}
+    for key, parts in (("images", ("test", "train")), ("cladec", ("reconstructions",))):
+        present = [doc[key] for doc in docs if key in doc]
+        if present:
+            merged[key] = {
+                **present[0],
+                **{part: {k: v for d in present for k, v in d[part].items()} for part in parts},
+            }
+    return merged
 
 
 def _layer(

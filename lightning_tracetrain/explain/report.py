@@ -38,7 +38,14 @@ def render_report(doc: dict[str, Any]) -> str:
         else:
             parts.append(item)
 
-    for q in doc["queries"]:
+    parts.append(summary_table(doc))
+    drawn = [q for q in doc["queries"] if any("ridge" in layer for layer in q["layers"].values())]
+    if len(drawn) < len(doc["queries"]):
+        parts.append(
+            f"<p>Figures for the first {len(drawn)} of {len(doc['queries'])} queries (influence.json holds every "
+            "query's scores; explain with --report-queries N to draw more).</p>"
+        )
+    for q in drawn:
         p = q["probabilities"][q["predicted"]]
         parts.append(f"<h2>Query {q['query']}: label {q['label']}, predicted {q['predicted']} (p={p:.2f})</h2>")
         query_image = images.get("test", {}).get(str(q["query"]))
@@ -80,6 +87,32 @@ def render_report(doc: dict[str, Any]) -> str:
         "<style>body{font-family:sans-serif;margin:2em;max-width:1100px}table{border-collapse:collapse}"
         "td,th{border:1px solid #ccc;padding:2px 8px}</style></head><body>"
         f"<h1>{html.escape(title)}</h1>" + "\n".join(parts) + "</body></html>"
+    )
+
+
+def summary_table(doc: dict[str, Any]) -> str:
+    """One row per query: label, prediction and, per layer, the predicted class's share of the positive class
+    scores and (unless private) the top training example."""
+    layers = list(doc["queries"][0]["layers"]) if doc["queries"] else []
+    head = "".join(f"<th>{html.escape(name)}</th>" for name in layers)
+    rows = []
+    for q in doc["queries"]:
+        cells = []
+        for name in layers:
+            layer = q["layers"][name]
+            positive = sum(v for v in layer["class_scores"].values() if v > 0) or 1.0
+            share = max(layer["class_scores"].get(str(q["predicted"]), 0.0), 0.0) / positive
+            top = layer.get("top_examples") or []
+            best = f"; #{top[0]['example']} (class {top[0]['label']})" if top else ""
+            cells.append(f"<td>{share:.0%}{best}</td>")
+        p = q["probabilities"][q["predicted"]]
+        rows.append(
+            f"<tr><td>{q['query']}</td><td>{q['label']}</td><td>{q['predicted']} ({p:.2f})</td>{''.join(cells)}</tr>"
+        )
+    return (
+        "<p>Per layer: the share of positive gamma from training steps (examples) of the predicted class, and the "
+        "most influential training example.</p><table><tr><th>query</th><th>label</th><th>predicted (p)</th>"
+        f"{head}</tr>{''.join(rows)}</table>"
     )
 
 

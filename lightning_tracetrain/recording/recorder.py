@@ -19,11 +19,13 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from lightning_tracetrain.exceptions import TraceBusyError
 from lightning_tracetrain.functional import weight_deltas
 from lightning_tracetrain.recording.factored import FactoredSteps, param_group, to_numpy
 from lightning_tracetrain.recording.layers import layer_parameters
 from lightning_tracetrain.recording.staging import DeltaStager
 from lightning_tracetrain.trace.codecs import Compressor, make_compressor
+from lightning_tracetrain.trace.lease import Lease
 from lightning_tracetrain.trace.records import StepRecord
 from lightning_tracetrain.trace.schema import ClassSpec, LayerSpec, StorageMode, TraceSpec
 from lightning_tracetrain.trace.store import ResumeState, check_new, create, open_to_resume
@@ -83,6 +85,7 @@ class TraceRecorder:
         self._device = torch.device("cpu")
         self._factored: FactoredSteps | None = None
         self._resume: ResumeState | None = None
+        self._lease: Lease | None = None
         self._examples = _PendingExamples()
 
     # ------------------------------------------------------------------ life cycle
@@ -118,12 +121,18 @@ class TraceRecorder:
         self._params = named
         self._prev = {k: t.detach().float().clone() for k, t in named.items()}
         self._device = next(iter(named.values())).device
-        if resume is not None:
-            group, spec = open_to_resume(opts.dirpath, spec, resume, opts.storage_options)
-            self._open(group, start=resume.records, carry=resume.carry)
-        else:
-            check_new(opts.dirpath, spec, overwrite=opts.overwrite, storage_options=opts.storage_options)
-            self._initial = {k: t.cpu().numpy() for k, t in self._prev.items()}
+        self._lease = Lease(opts.dirpath, opts.storage_options)
+        self._lease.acquire()  # before anything is read or replaced: one writer per trace
+        try:
+            if resume is not None:
+                group, spec = open_to_resume(opts.dirpath, spec, resume, opts.storage_options)
+                self._open(group, start=resume.records, carry=resume.carry)
+            else:
+                check_new(opts.dirpath, spec, overwrite=opts.overwrite, storage_options=opts.storage_options)
+                self._initial = {k: t.cpu().numpy() for k, t in self._prev.items()}
+        except BaseException:
+            self._lease.release()
+            raise
         self._spec = spec
         self._stage(list(named))
         if mode == StorageMode.factored:
@@ -146,11 +155,15 @@ class TraceRecorder:
         if self._factored is not None:
             self._factored.remove()
         writer, self._writer = self._writer, None
-        if writer is not None:
-            try:
-                writer.close(raise_errors=raise_errors)
-            finally:
-                self._resume = ResumeState(writer.run_id, writer.committed, writer.carry)
+        try:
+            if writer is not None:
+                try:
+                    writer.close(raise_errors=raise_errors)
+                finally:
+                    self._resume = ResumeState(writer.run_id, writer.committed, writer.carry)
+        finally:
+            if self._lease is not None:
+                self._lease.release()
 
     # ------------------------------------------------------------------ steps
 
@@ -160,6 +173,7 @@ class TraceRecorder:
 
     def record(self, info: StepInfo) -> None:
         """After an optimizer step: stage the layers' changes and queue the step for the writer."""
+        self._check_lease()
         index, label, ghost = self._examples.take()
         factors = None
         if self._factored is not None:
@@ -186,6 +200,7 @@ class TraceRecorder:
                 f"TraceCallback(storage='factored') got a skipped step ({info.global_step}) before its first step: "
                 "its layers are chosen on a real step. Trace this run with storage='lossless'."
             )
+        self._check_lease()
         index, label, ghost = self._examples.take()
         writer = self._writer or self._create()
         writer.put(StepRecord(**vars(info), index=index, ghost=ghost, label=label, deltas=None))
@@ -202,6 +217,14 @@ class TraceRecorder:
         return None if self._writer is None or self._writer.committed == 0 else self._writer.last_global_step()
 
     # ------------------------------------------------------------------ helpers
+
+    def _check_lease(self) -> None:
+        if self._lease is not None and self._lease.lost:
+            raise TraceBusyError(
+                f"Another run took over the lease of the trace at {self.options.dirpath} (this run's heartbeat was "
+                "late, so it looked gone); to keep both runs' steps apart this run stops recording. Its committed "
+                "steps are in the trace; resume from the last checkpoint into another dirpath."
+            )
 
     def _stage(self, keys: list[Param]) -> None:
         """Store these parameters as deltas from now on (``_prev`` keeps every parameter's last value)."""
@@ -220,7 +243,10 @@ class TraceRecorder:
         compressor = make_compressor(opts.compressor, self._spec.mode)
         group = create(opts.dirpath, self._spec, self._initial, compressor, opts.storage_options)
         self._initial = None
-        return self._open(group, start=0)
+        writer = self._open(group, start=0)
+        if self._lease is not None:
+            self._lease.set_run(writer.run_id)
+        return writer
 
     def _open(self, group: Any, start: int, carry: np.ndarray | None = None) -> TraceWriter:
         opts = self.options

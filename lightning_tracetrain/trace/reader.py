@@ -13,10 +13,11 @@ import torch
 from torch import Tensor
 
 from lightning_tracetrain import functional as Fx
-from lightning_tracetrain.exceptions import TraceFormatError, UnknownLayerError
+from lightning_tracetrain.exceptions import TraceCorruptError, TraceFormatError, UnknownLayerError
 from lightning_tracetrain.trace import schema
 from lightning_tracetrain.trace.schema import ClassSpec, LayerSpec, StorageMode, TraceSpec
 from lightning_tracetrain.trace.store import open_group, optional_array
+from lightning_tracetrain.trace.summary import summary
 from lightning_tracetrain.trace.tables import Examples, FactorRows, StepTable
 
 
@@ -54,12 +55,51 @@ class Trace:
         if not attrs.get("initialized"):
             raise TraceFormatError(f"{self.path} is an incomplete trace: its run stopped while creating it.")
         self._set(attrs)
+        self._validate()
 
     def _set(self, attrs: dict[str, Any]) -> None:
         self.attrs = attrs
         self.spec = TraceSpec.from_attrs(attrs)
         self._layers = {lay.name: lay for lay in self.spec.layers}
         self._arrays: dict[str, Any] = {}  # opened arrays: their metadata is read once
+
+    def _validate(self) -> None:
+        """The committed counters must describe data that exists: else a TraceCorruptError naming the field."""
+        attrs = self.attrs
+        for field in ("steps_committed", "examples_committed"):
+            value = attrs.get(field, 0)
+            if type(value) is not int or value < 0:
+                self._corrupt(f"its counter {field} is {value!r}, not a non-negative integer")
+        steps, examples = int(attrs["steps_committed"]), int(attrs.get("examples_committed", 0))
+        for path in self.spec.step_axis_paths():
+            array = optional_array(self._group, path)
+            if array is None:
+                if path != schema.example_path("label"):  # labels are created with the first labelled rows
+                    self._corrupt(f"its array {path} is missing")
+                continue
+            self._arrays[path] = array
+            rows, what = (examples, "example rows") if schema.is_example_axis(path) else (steps, "steps")
+            if array.shape[0] < rows:
+                self._corrupt(f"{path} holds {array.shape[0]} rows, fewer than the {rows} committed {what}")
+        table = self.steps
+        if len(table.example_stop) and (np.diff(table.example_stop, prepend=0) < 0).any():
+            self._corrupt("steps/example_stop decreases, so steps would own negative numbers of example rows")
+        if steps and int(table.example_stop[-1]) != examples:
+            self._corrupt(
+                f"steps/example_stop ends at row {int(table.example_stop[-1])}, but examples_committed is {examples}"
+            )
+        if steps > 1 and (np.diff(table.global_step) != 1).any():
+            first = int(np.flatnonzero(np.diff(table.global_step) != 1)[0])
+            self._corrupt(
+                f"steps/global_step jumps from {int(table.global_step[first])} to {int(table.global_step[first + 1])} "
+                f"after committed step {first}, but every optimizer step is recorded"
+            )
+
+    def _corrupt(self, what: str) -> None:
+        raise TraceCorruptError(
+            f"The trace at {self.path} is damaged: {what}. Its committed steps cannot be trusted; if a run is still "
+            "writing it, open it again after the next commit."
+        )
 
     def __getstate__(self) -> dict[str, Any]:
         return {"path": self.path, "storage_options": self.storage_options, "attrs": self.attrs}
@@ -256,40 +296,7 @@ class Trace:
 
     def summary(self) -> str:
         """A short human-readable description: layers, steps, bytes."""
-        size = self.nbytes()
-        ratio = size["raw"] / size["stored"] if size["stored"] else float("nan")
-        lines = [
-            f"Trace {self.path}",
-            f"  model   {self.module.class_path}",
-            f"  steps   {self.num_steps} (epochs {int(self.steps.epoch.max()) + 1 if self.num_steps else 0}, "
-            f"skipped {int(self.steps.skipped.sum()) if self.num_steps else 0})",
-            f"  classes {self._class_line()}",
-            f"  deltas  {_fmt_bytes(size['stored'])} on disk, {_fmt_bytes(size['raw'])} as float32 "
-            f"({ratio:.2f}x compression, {self._storage_line()})",
-            "  layers",
-        ]
-        for lay in self.spec.layers:
-            shapes = ", ".join(f"{p} {'x'.join(map(str, s))}" for p, s in lay.params.items())
-            lines.append(f"    {lay.name:<24} {lay.module_type.rsplit('.', 1)[-1]:<10} {shapes}")
-        return "\n".join(lines)
-
-    def _storage_line(self) -> str:
-        if self.storage == StorageMode.compact:
-            return f"compact: {self.spec.keepbits} mantissa bits"
-        if self.storage == StorageMode.factored:
-            return f"factored: {', '.join(self.spec.factored) or 'no layer'} as per-example factors"
-        return "lossless"
-
-    def _class_line(self) -> str:
-        labels = self.steps.label
-        single = labels[labels >= 0]
-        if not len(single):
-            return "no single-class step (mixed batches)"
-        ghosts = int(self.examples.ghost.sum())
-        return (
-            f"{len(single)} of {len(labels)} steps single-class over {len(np.unique(single))} classes; "
-            f"{ghosts} ghost rows"
-        )
+        return summary(self)
 
     def __repr__(self) -> str:
         return f"Trace({self.path!r}, layers={len(self.layers)}, num_steps={self.num_steps})"
@@ -310,11 +317,3 @@ class Trace:
 
     def _read(self, path: str, rows: Any = Ellipsis) -> Tensor:
         return torch.from_numpy(np.ascontiguousarray(self._array(path)[rows]))
-
-
-def _fmt_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1024
-    return f"{n:.1f} TiB"

@@ -8,6 +8,7 @@ it is built in place, and readers refuse it until its ``initialized`` attribute 
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import uuid
@@ -18,6 +19,7 @@ from typing import Any
 
 import numpy as np
 import zarr
+from zarr.core.sync import sync as zarr_sync
 
 from lightning_tracetrain._version import __version__
 from lightning_tracetrain.exceptions import TraceExistsError, TraceMismatchError, TraceWriteError
@@ -81,8 +83,8 @@ def check_new(path: str, spec: TraceSpec, *, overwrite: bool, storage_options: d
     else:
         what = f"a trace of an earlier run of this model ({attrs.get('steps_committed', 0)} steps)"
     raise TraceExistsError(
-        f"{path} already holds {what}. Pass TraceCallback(overwrite=True) to replace it, resume the earlier "
-        "run with trainer.fit(..., ckpt_path=...), or choose another dirpath."
+        f"{path} already holds {what}. Pass TraceCallback(overwrite=True) (--trace.overwrite true on the command "
+        "line) to replace it, resume the earlier run with trainer.fit(..., ckpt_path=...), or choose another dirpath."
     )
 
 
@@ -150,6 +152,8 @@ def create(
         return _fill(open_group(path, "w", storage_options, attributes=attrs), spec, initial, compressor)
     final = Path(path)
     final.parent.mkdir(parents=True, exist_ok=True)
+    for debris in final.parent.glob(f".{final.name}.creating-*"):  # a creation killed midway (we hold the lease)
+        shutil.rmtree(debris, ignore_errors=True)
     tmp = final.parent / f".{final.name}.creating-{uuid.uuid4().hex[:8]}"
     try:
         _fill(open_group(str(tmp), "w", attributes=attrs), spec, initial, compressor)
@@ -157,9 +161,16 @@ def create(
             shutil.rmtree(final)
         os.rename(tmp, final)
     except OSError as exc:
+        zarr_sync(_settled())  # zarr's sibling writes of the failed call may still be running
         shutil.rmtree(tmp, ignore_errors=True)
         raise TraceWriteError(f"Creating the trace at {path} failed ({exc}); nothing was left behind.") from exc
     return open_group(path, "r+")
+
+
+async def _settled() -> None:
+    """Wait for every other task on zarr's event loop (the rest of a write that failed part way)."""
+    others = [task for task in asyncio.all_tasks() if task is not asyncio.current_task()]
+    await asyncio.gather(*others, return_exceptions=True)
 
 
 def _fill(
@@ -207,21 +218,25 @@ def _fill(
             dtype=schema.EXAMPLE_ARRAYS[name],
             compressors=compressor,
         )
-    group.attrs.update({"initialized": True})
+    group.update_attributes({"initialized": True})
     return group
 
 
 def truncate(group: zarr.Group, records: int) -> None:
-    """Cut every step-axis and example-axis array back to ``records`` steps (dropping later rows)."""
+    """Cut every step-axis and example-axis array back to ``records`` steps (dropping later rows).
+
+    The counters are lowered first, in one write: a reader, or a crash, in between sees a trace whose
+    arrays are longer than its committed steps, which is always valid.
+    """
     examples = 0
     if records > 0:
         examples = int(group[schema.step_path("example_stop")][records - 1])
+    group.update_attributes({"steps_committed": records, "examples_committed": examples})  # one write
     for name in TraceSpec.from_attrs(dict(group.attrs)).step_axis_paths():
         node = optional_array(group, name)
         axis_len = examples if schema.is_example_axis(name) else records
         if node is not None and node.shape[0] != axis_len:
             node.resize((axis_len, *node.shape[1:]))
-    group.attrs.update({"steps_committed": records, "examples_committed": examples})
 
 
 def optional_array(group: zarr.Group, path: str) -> zarr.Array | None:

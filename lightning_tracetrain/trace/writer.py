@@ -263,7 +263,7 @@ class TraceWriter:
                 for side, arr in enumerate(arrays):
                     writes.append((arr, e_start, factor_rows(recs, name, side, arr.shape[1])))
         zarr_sync(_write_all(writes))  # data first, in one round trip to zarr's event loop ...
-        self._group.attrs.update({"steps_committed": start + n, "examples_committed": e_stop})  # ... then the commit
+        self._group.update_attributes({"steps_committed": start + n, "examples_committed": e_stop})  # ... then commit
         self.committed = start + n
 
     def _tidy(self) -> None:

@@ -43,7 +43,8 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> DemoResult:
     args = parser().parse_args(argv)
 
-    overrides = [] if args.epochs is None else ["--trainer.max_epochs", str(args.epochs)]
+    overrides = ["--trace.overwrite", "true"]  # the demo replaces its own earlier trace, and says so here
+    overrides += [] if args.epochs is None else ["--trainer.max_epochs", str(args.epochs)]
     with warnings.catch_warnings():  # the demo's own argv is not meant for LightningCLI
         warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
         cli = cli_main(["fit", "--config", args.config, *overrides])

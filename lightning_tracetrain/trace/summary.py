@@ -1,0 +1,60 @@
+"""A trace described in a few lines for people: what was traced, how many steps, how many bytes."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from lightning_tracetrain.trace.schema import StorageMode
+
+if TYPE_CHECKING:
+    from lightning_tracetrain.trace.reader import Trace
+
+
+def summary(trace: Trace) -> str:
+    """Model, steps, classes, bytes and layers of a trace (``Trace.summary()``)."""
+    size = trace.nbytes()
+    ratio = size["raw"] / size["stored"] if size["stored"] else float("nan")
+    steps = trace.steps
+    lines = [
+        f"Trace {trace.path}",
+        f"  model   {trace.module.class_path}",
+        f"  steps   {trace.num_steps} (epochs {int(steps.epoch.max()) + 1 if trace.num_steps else 0}, "
+        f"skipped {int(steps.skipped.sum()) if trace.num_steps else 0})",
+        f"  classes {_classes(trace)}",
+        f"  deltas  {_bytes(size['stored'])} on disk, {_bytes(size['raw'])} as float32 "
+        f"({ratio:.2f}x compression, {_storage(trace)})",
+        "  layers",
+    ]
+    for lay in trace.spec.layers:
+        shapes = ", ".join(f"{p} {'x'.join(map(str, s))}" for p, s in lay.params.items())
+        lines.append(f"    {lay.name:<24} {lay.module_type.rsplit('.', 1)[-1]:<10} {shapes}")
+    return "\n".join(lines)
+
+
+def _storage(trace: Trace) -> str:
+    if trace.storage == StorageMode.compact:
+        return f"compact: {trace.spec.keepbits} mantissa bits"
+    if trace.storage == StorageMode.factored:
+        return f"factored: {', '.join(trace.spec.factored) or 'no layer'} as per-example factors"
+    return "lossless"
+
+
+def _classes(trace: Trace) -> str:
+    labels = trace.steps.label
+    single = labels[labels >= 0]
+    if not len(single):
+        return "no single-class step (mixed batches)"
+    ghosts = int(trace.examples.ghost.sum())
+    return (
+        f"{len(single)} of {len(labels)} steps single-class over {len(np.unique(single))} classes; {ghosts} ghost rows"
+    )
+
+
+def _bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n:.1f} TiB"
