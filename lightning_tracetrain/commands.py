@@ -15,6 +15,7 @@ from lightning_tracetrain.lightning_cli import PROG, cli_main
 LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
 COMMANDS = {
     "explain": ("lightning_tracetrain.explain.cli", "explain test inputs by the training steps, examples and classes"),
+    "trace": ("lightning_tracetrain.trace.cli", "verify (and repair) a trace, or print its summary (info)"),
     "demo": ("lightning_tracetrain.workloads.demo", "train a config with tracing, then explain test inputs"),
     "evaluate": ("lightning_tracetrain.workloads.evaluate", "our method beside the baselines on digits"),
     "specificity": ("lightning_tracetrain.workloads.specificity", "per layer: how class-specific is what it learned?"),

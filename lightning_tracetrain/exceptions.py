@@ -37,6 +37,10 @@ class TraceCorruptError(TraceFormatError):
     """A trace's data or counters are damaged or impossible; the message names what and what still can be used."""
 
 
+class TraceDivergedError(TraceTrainError, ValueError):
+    """The traced run diverged (non-finite weights): its explanations would mean nothing."""
+
+
 class TraceBusyError(TraceTrainError, RuntimeError):
     """Another live run holds the trace's lease: two writers would destroy each other's steps."""
 

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
@@ -19,6 +23,47 @@ from lightning_tracetrain.trainer import quiet_trainer as _quiet_trainer
 def quiet_trainer(**kwargs: Any) -> pl.Trainer:
     """The library's quiet Trainer, on the CPU unless a test asks otherwise."""
     return _quiet_trainer(**{"accelerator": "cpu", **kwargs})
+
+
+TRACE_RUN = Path(__file__).with_name("trace_run.py")
+
+
+@pytest.fixture(autouse=True)
+def _plain_argv(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tests call the CLIs with explicit arguments, as from Python; pytest's own arguments are not theirs."""
+    monkeypatch.setattr(sys, "argv", sys.argv[:1])
+
+
+def start_run(out: Any, *args: str, script: Path = TRACE_RUN) -> subprocess.Popen:
+    """``trace_run.py`` (or ``script``) in a process of its own; its stderr is kept for assertion messages."""
+    return subprocess.Popen(
+        [sys.executable, str(script), str(out), *args],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        env={**os.environ, "PYTHONWARNINGS": "ignore"},
+    )
+
+
+def finish(proc: subprocess.Popen, timeout: float = 300) -> tuple[int, str]:
+    """Wait for a run and close its pipes: its exit status and the tail of its stderr."""
+    _, err = proc.communicate(timeout=timeout)
+    return proc.returncode, (err or b"").decode()[-3000:]
+
+
+def committed(path: Any) -> int:
+    """The ``steps_committed`` attribute of the trace at ``path`` as a polling reader sees it; -1 before it exists."""
+    import zarr
+
+    try:
+        return int(zarr.open_group(str(path), mode="r").attrs.get("steps_committed", -1))
+    except (FileNotFoundError, ValueError):
+        return -1
+
+
+def kill(proc: subprocess.Popen) -> None:
+    """SIGKILL a run (no chance to clean up, as a crash) and close its pipes."""
+    proc.kill()
+    proc.communicate()
 
 
 def image_loader(n: int = 40, batch_size: int = 8, seed: int = 0, shuffle: bool = True) -> DataLoader:
@@ -180,6 +225,22 @@ def make_trainer() -> Callable[..., pl.Trainer]:
     return quiet_trainer
 
 
+def reset_s3fs() -> None:
+    """Close the aiohttp sessions of every cached S3 filesystem and forget them, so that the next
+    filesystem reads the environment afresh and no session is left for the interpreter to warn about."""
+    import s3fs
+    from zarr.core.sync import sync
+
+    for fs in list(s3fs.S3FileSystem._cache.values()):
+        if getattr(fs, "_s3", None) is None:
+            continue
+        if fs.asynchronous:  # zarr's: its session lives on zarr's event loop
+            sync(fs._s3.close())
+        else:
+            s3fs.S3FileSystem.close_session(fs.loop, fs._s3)
+    s3fs.S3FileSystem.clear_instance_cache()
+
+
 @pytest.fixture(scope="session")
 def s3() -> Any:
     """An S3-compatible server (moto) on 127.0.0.1 with a bucket ``traces``; the environment points boto at it.
@@ -223,10 +284,11 @@ def s3() -> Any:
                 "AWS_DEFAULT_REGION": "us-east-1",
             }.items():
                 mp.setenv(key, value)
-            s3fs.S3FileSystem.clear_instance_cache()
+            reset_s3fs()
             s3fs.S3FileSystem().mkdir("traces")
             yield {"endpoint_url": endpoint, "key": "testing", "secret": "testing"}
     finally:
+        reset_s3fs()
         server.terminate()
         server.wait(timeout=30)
 

@@ -39,6 +39,48 @@ from lightning_tracetrain import (
 )
 
 
+class Scheduled(TinyCNN):
+    """TinyCNN with a learning rate halved every epoch."""
+
+    def configure_optimizers(self) -> Any:
+        opt = torch.optim.SGD(self.parameters(), lr=0.1)
+        return {"optimizer": opt, "lr_scheduler": torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)}
+
+
+class TwoSteps(TinyCNN):
+    """Manual optimization with two optimizer steps per batch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        opt = self.optimizers()
+        for _ in range(2):
+            opt.zero_grad()
+            self.manual_backward(F.cross_entropy(self(batch["x"]), batch["y"]))
+            opt.step()
+
+
+class Overflow(TinyCNN):
+    """A loss that overflows at steps 1 and 4, so the AMP scaler skips them."""
+
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        loss = super().training_step(batch, batch_idx)
+        return loss * float("inf") if self.global_step in (1, 4) else loss
+
+
+class TupleCNN(TinyCNN):
+    """Trains on plain ``(x, y)`` batches, without example ids."""
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        return F.cross_entropy(self(batch[0]), batch[1])
+
+
+class Other(TinyCNN):
+    """A different model class with the same layers as TinyCNN."""
+
+
 @pytest.mark.parametrize("optimizer", ["sgd", "adam"])  # momentum and Adam: a delta is still the weights' change
 def test_initial_plus_deltas_equals_final_and_snapshots(tmp_path, optimizer):
     torch.manual_seed(0)
@@ -59,11 +101,6 @@ def test_initial_plus_deltas_equals_final_and_snapshots(tmp_path, optimizer):
 
 
 def test_step_metadata(tmp_path):
-    class Scheduled(TinyCNN):
-        def configure_optimizers(self) -> Any:
-            opt = torch.optim.SGD(self.parameters(), lr=0.1)
-            return {"optimizer": opt, "lr_scheduler": torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)}
-
     loader = image_loader(n=24, batch_size=8)
     trainer = quiet_trainer(max_epochs=2, callbacks=[TraceCallback(tmp_path / "t")])
     trainer.fit(Scheduled(lr=0.1), loader)
@@ -84,7 +121,7 @@ def test_step_metadata(tmp_path):
         ids = np.concatenate([trace.step_examples(t).index for t in range(3 * epoch, 3 * epoch + 3)])
         assert sorted(ids.tolist()) == list(range(24))
     # what a later tool needs to rebuild the run
-    assert trace.module.class_path == "test_callback.test_step_metadata.<locals>.Scheduled"
+    assert trace.module.class_path == "test_callback.Scheduled"
     assert trace.module.init_args == {"optimizer": "sgd", "lr": 0.1}
     assert trace.datamodule is None
 
@@ -124,18 +161,6 @@ def test_gradient_accumulation_records_every_optimizer_step(tmp_path):
 
 
 def test_manual_optimization_records_every_step(tmp_path):
-    class TwoSteps(TinyCNN):
-        def __init__(self) -> None:
-            super().__init__()
-            self.automatic_optimization = False
-
-        def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
-            opt = self.optimizers()
-            for _ in range(2):
-                opt.zero_grad()
-                self.manual_backward(F.cross_entropy(self(batch["x"]), batch["y"]))
-                opt.step()
-
     model = TwoSteps()
     trainer = quiet_trainer(max_epochs=1, callbacks=[TraceCallback(tmp_path / "t")])
     trainer.fit(model, image_loader(n=24, batch_size=8))
@@ -147,11 +172,6 @@ def test_manual_optimization_records_every_step(tmp_path):
 
 
 def test_amp_skipped_steps_are_flagged(tmp_path):
-    class Overflow(TinyCNN):
-        def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
-            loss = super().training_step(batch, batch_idx)
-            return loss * float("inf") if self.global_step in (1, 4) else loss
-
     model = Overflow()
     scaler = MixedPrecision("16-mixed", "cpu", torch.amp.GradScaler("cpu"))
     trainer = quiet_trainer(max_epochs=1, plugins=[scaler], callbacks=[TraceCallback(tmp_path / "t", chunk_steps=4)])
@@ -191,21 +211,23 @@ def test_unknown_layer_lists_traceable_ones(tmp_path):
 def test_batch_without_ids_names_the_wrapper(tmp_path):
     loader = DataLoader(TensorDataset(torch.randn(8, 1, 6, 6), torch.randint(0, 3, (8,))), batch_size=4)
 
-    class TupleCNN(TinyCNN):
-        def training_step(self, batch: Any, batch_idx: int) -> Tensor:
-            return F.cross_entropy(self(batch[0]), batch[1])
-
     trainer = quiet_trainer(max_steps=1, callbacks=[TraceCallback(tmp_path / "t")])
     with pytest.raises(MissingIndexError, match="IndexedDataset"):
         trainer.fit(TupleCNN(), loader)
 
 
+def test_a_class_defined_inside_a_function_is_warned_about(tmp_path):
+    class Local(TinyCNN):
+        pass
+
+    with pytest.warns(UserWarning, match=r"<locals>\.Local is defined inside a function.*module level"):
+        quiet_trainer(max_steps=1, callbacks=[TraceCallback(tmp_path / "t")]).fit(Local(), image_loader())
+    assert Trace(tmp_path / "t").module.class_path.endswith("<locals>.Local")  # recorded all the same
+
+
 def test_existing_trace_is_protected(tmp_path):
     path = tmp_path / "t"
     quiet_trainer(max_steps=2, callbacks=[TraceCallback(path)]).fit(TinyCNN(), image_loader())
-
-    class Other(TinyCNN):
-        pass
 
     with pytest.raises(TraceExistsError, match=r"another model \(.*TinyCNN.*overwrite=True"):
         quiet_trainer(max_steps=2, callbacks=[TraceCallback(path)]).fit(Other(), image_loader())

@@ -21,7 +21,8 @@ def _fit_and_explain(name: str, overrides: list[str]) -> tuple[Trace, dict]:
     cli_main(["fit", "--config", str(CONFIGS / f"{name}.yaml"), *overrides])
     ckpt = Path("runs", name, "checkpoints", "last.ckpt")
     doc = explain_main(["--ckpt", str(ckpt), "--trace", str(Path("runs", name, "trace"))])
-    assert Path("explanations", "report.html").exists()
+    report = Path("explanations", "report.html").read_text()  # images, graphs or tables: the same page at a glance
+    assert "id='contents'" in report and "Which classes built this representation" in report
     assert json.loads(Path("explanations", "influence.json").read_text()) == json.loads(json.dumps(doc))
     return Trace(Path("runs", name, "trace")), doc
 

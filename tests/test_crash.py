@@ -3,50 +3,28 @@ test_trace_contract.py; the DDP run in test_sampler.py)."""
 
 from __future__ import annotations
 
-import os
-import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-import zarr
-from conftest import assert_matches_snapshots, replay_error_feedback
+from conftest import assert_matches_snapshots, committed, finish, kill, replay_error_feedback, start_run
 
 from lightning_tracetrain import Trace
 from lightning_tracetrain.trace.lease import lease_path
 
-SCRIPT = Path(__file__).with_name("trace_run.py")
 pytestmark = pytest.mark.slow
-
-
-def _start(out: Path, *args: str) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    return subprocess.Popen(
-        [sys.executable, str(SCRIPT), str(out), *args],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        env=env,
-    )
-
-
-def _committed(path: Path) -> int:
-    try:
-        return int(zarr.open_group(str(path), mode="r").attrs.get("steps_committed", -1))
-    except (FileNotFoundError, ValueError):
-        return -1
 
 
 def _wait(proc: subprocess.Popen, ready, timeout: float = 120.0) -> None:
     deadline = time.monotonic() + timeout
     while not ready():
         if proc.poll() is not None:
-            raise AssertionError(f"run ended early ({proc.returncode}): {proc.stderr.read().decode()[-3000:]}")
+            raise AssertionError("run ended early ({}): {}".format(*finish(proc)))
         if time.monotonic() > deadline:
-            proc.kill()
+            kill(proc)
             raise AssertionError("run did not get there in time")
         time.sleep(0.01)
 
@@ -57,11 +35,10 @@ def _snapshot(out: Path, k: int) -> dict[str, torch.Tensor]:
 
 @pytest.mark.parametrize(("extra_delay", "storage"), [(0.0, "lossless"), (0.013, "compact"), (0.029, "factored")])
 def test_sigkill_leaves_every_committed_step(tmp_path, extra_delay, storage):
-    proc = _start(tmp_path, "--max-steps", "400", "--sleep", "0.01", "--storage", storage)
-    _wait(proc, lambda: _committed(tmp_path / "trace") >= 4)
+    proc = start_run(tmp_path, "--max-steps", "400", "--sleep", "0.01", "--storage", storage)
+    _wait(proc, lambda: committed(tmp_path / "trace") >= 4)
     time.sleep(extra_delay)  # kill at different moments of the write cycle
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill(proc)
 
     trace = Trace(tmp_path / "trace")
     k = trace.num_steps
@@ -77,10 +54,9 @@ def test_sigkill_leaves_every_committed_step(tmp_path, extra_delay, storage):
 def test_compact_resume_after_kill_continues_without_gap_and_keeps_its_carry(tmp_path):
     """Killed, then resumed from an older checkpoint: no gap, no duplicate, and every stored step is still
     bit for bit the error feedback of the exact steps (the checkpoint kept the rounding carry)."""
-    proc = _start(tmp_path, "--max-steps", "400", "--sleep", "0.02", "--storage", "compact")
+    proc = start_run(tmp_path, "--max-steps", "400", "--sleep", "0.02", "--storage", "compact")
     _wait(proc, lambda: len(list((tmp_path / "ckpt").glob("*.ckpt"))) >= 3)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill(proc)
     killed_at = Trace(tmp_path / "trace").num_steps
     assert Path(lease_path(str(tmp_path / "trace"))).exists()  # the killed run's lease: its process is gone
 
@@ -91,8 +67,9 @@ def test_compact_resume_after_kill_continues_without_gap_and_keeps_its_carry(tmp
     ckpt_step = int(resume_from.stem.split("=")[1])
     assert killed_at > ckpt_step
 
-    proc = _start(tmp_path, "--max-steps", "30", "--resume", str(resume_from), "--storage", "compact")
-    assert proc.wait(timeout=300) == 0, proc.stderr.read().decode()[-3000:]
+    proc = start_run(tmp_path, "--max-steps", "30", "--resume", str(resume_from), "--storage", "compact")
+    code, error = finish(proc)
+    assert code == 0, error
 
     trace = Trace(tmp_path / "trace")
     assert trace.num_steps == 30 and not Path(lease_path(str(tmp_path / "trace"))).exists()  # taken over, released

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -176,6 +177,19 @@ def test_report_loads_in_headless_chromium_without_console_errors(run):
     console = [line for line in proc.stderr.splitlines() if "CONSOLE" in line]
     assert not console, console
     assert proc.stdout.count('class="plot-container') >= 8  # plotly ran offline and drew the figures
+    dom = proc.stdout
+    assert 'id="contents"' in dom and dom.count('href="#q') >= 2 + 2 * 4  # queries and their layers
+    drawn_titles = re.findall(r'class="gtitle"[^>]*>Which classes built this representation', dom)
+    assert len(drawn_titles) == 2  # the summary heatmap of each query, drawn
+    assert "How to read this" in dom
+
+
+def test_thumbnails_have_one_size_however_many_there_are():
+    from lightning_tracetrain.explain.report import THUMBNAIL, images_figure
+
+    for n in (1, 3, 5):
+        fig = images_figure([np.zeros((8, 8))] * n, [str(i) for i in range(n)], "title")
+        assert fig.layout.width - 40 == THUMBNAIL * n
 
 
 def test_cli_names_bad_input(run, tmp_path, capsys):
@@ -226,7 +240,7 @@ def test_query_batches_give_the_same_document_and_the_report_draws_the_first_one
             assert ("ridge" in other) == (a is whole["queries"][0])  # figures for the first query only
     assert set(batched["images"]["test"]) == {"5"}
     report = (tmp_path / "batched" / "report.html").read_text()
-    assert report.count("<h2>Query ") == 1 and "Figures for the first 1 of 3 queries" in report
+    assert report.count("<h2 id='q") == 1 and "Figures for the first 1 of 3 queries" in report
     assert all(f"<tr><td>{q}</td>" in report for q in (5, 3, 9))  # every query in the summary table
 
 

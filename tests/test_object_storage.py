@@ -2,22 +2,18 @@
 
 from __future__ import annotations
 
-import os
-import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import TinyCNN, image_loader, quiet_trainer
+from conftest import TinyCNN, finish, image_loader, kill, quiet_trainer, reset_s3fs, start_run
 
 from lightning_tracetrain import Trace, TraceCallback, TraceFormatError
 from lightning_tracetrain.explain import Explainer
 
-SCRIPT = Path(__file__).with_name("trace_run.py")
 pytestmark = pytest.mark.slow
 
 
@@ -29,12 +25,7 @@ def _committed(url: str) -> int:
 
 
 def _run(out: Path, url: str, *args: str) -> subprocess.Popen:
-    return subprocess.Popen(
-        [sys.executable, str(SCRIPT), str(out), "--trace", url, *args],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        env={**os.environ, "PYTHONWARNINGS": "ignore"},
-    )
+    return start_run(out, "--trace", url, *args)
 
 
 def _assert_weights(trace: Trace, expected: dict[str, torch.Tensor], step: int) -> None:
@@ -48,11 +39,10 @@ def test_record_kill_and_resume_on_s3(s3, tmp_path):
     proc = _run(tmp_path, url, "--max-steps", "400", "--sleep", "0.02")
     deadline = time.monotonic() + 180
     while len(list((tmp_path / "ckpt").glob("*.ckpt"))) < 2 or _committed(url) < 10:
-        assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
+        assert proc.poll() is None, finish(proc)[1]
         assert time.monotonic() < deadline, "the run did not get there in time"
         time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill(proc)
 
     trace = Trace(url, storage_options=s3)  # explicit options work as well as the environment
     killed_at = trace.num_steps
@@ -61,7 +51,8 @@ def test_record_kill_and_resume_on_s3(s3, tmp_path):
 
     resume_from = tmp_path / "ckpt" / "step=5.ckpt"
     proc = _run(tmp_path, url, "--max-steps", "20", "--resume", str(resume_from))
-    assert proc.wait(timeout=300) == 0, proc.stderr.read().decode()[-3000:]
+    code, error = finish(proc)
+    assert code == 0, error
     trace = Trace(url)
     assert trace.num_steps == 20
     np.testing.assert_array_equal(trace.steps.global_step, np.arange(20))  # no gap, no duplicate
@@ -70,9 +61,8 @@ def test_record_kill_and_resume_on_s3(s3, tmp_path):
 
 
 def test_explain_a_trace_on_s3_with_a_worker_process(s3, monkeypatch):
-    s3fs = pytest.importorskip("s3fs")
     monkeypatch.delenv("AWS_ENDPOINT_URL")  # only the explicit storage options know where the server is
-    s3fs.S3FileSystem.clear_instance_cache()
+    reset_s3fs()
     url = "s3://traces/explained/trace"
     torch.manual_seed(0)
     model = TinyCNN()

@@ -9,6 +9,7 @@ from conftest import TinyCNN, image_loader, quiet_trainer
 
 from lightning_tracetrain import Trace, TraceCallback, TraceFormatError, UnknownLayerError
 from lightning_tracetrain.functional import accumulate, weight_deltas
+from lightning_tracetrain.trace import FORMAT_VERSION
 
 
 @pytest.fixture(scope="module")
@@ -62,10 +63,11 @@ def test_not_a_trace(tmp_path):
 def test_newer_format_version_is_refused(tmp_path, trace):
     import shutil
 
-    shutil.copytree(trace.path, tmp_path / "v2")
-    zarr.open_group(str(tmp_path / "v2"), mode="r+").attrs.update({"format_version": 2})
-    with pytest.raises(TraceFormatError, match="version 2"):
-        Trace(tmp_path / "v2")
+    newer = FORMAT_VERSION + 1
+    shutil.copytree(trace.path, tmp_path / "newer")
+    zarr.open_group(str(tmp_path / "newer"), mode="r+").update_attributes({"format_version": newer})
+    with pytest.raises(TraceFormatError, match=f"version {newer}; this lightning_tracetrain reads versions 1, 2"):
+        Trace(tmp_path / "newer")
 
 
 def test_any_zarr_client_reads_the_documented_layout(trace):

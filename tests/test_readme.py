@@ -60,8 +60,8 @@ def test_every_command_parses(command, capsys):
         return
     if words[1] == "-m":
         module, args = words[2], words[3:]
-        if module == "lightning_tracetrain.explain":
-            module, args = "lightning_tracetrain", ["explain", *args]
+        if module in ("lightning_tracetrain.explain", "lightning_tracetrain.trace"):  # python -m PACKAGE.COMMAND
+            module, args = "lightning_tracetrain", [module.rsplit(".", 1)[1], *args]
         assert module == "lightning_tracetrain", command
         _parse_tool(args)
     else:

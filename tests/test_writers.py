@@ -4,11 +4,8 @@ from __future__ import annotations
 
 import errno
 import json
-import os
 import shutil
 import socket
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -18,50 +15,33 @@ import numpy as np
 import pytest
 import torch
 import zarr
-from conftest import TinyCNN, image_loader, quiet_trainer
+from conftest import TinyCNN, committed, finish, image_loader, quiet_trainer, start_run
 
 from lightning_tracetrain import Trace, TraceCallback, TraceCorruptError, TraceWriteError
 from lightning_tracetrain.trace.lease import lease_path
-
-SCRIPT = Path(__file__).with_name("trace_run.py")
-
-
-def _start(out: Path, *args: str) -> subprocess.Popen:
-    return subprocess.Popen(
-        [sys.executable, str(SCRIPT), str(out), *args],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        env={**os.environ, "PYTHONWARNINGS": "ignore"},
-    )
-
-
-def _committed(path: Path) -> int:
-    try:
-        return int(zarr.open_group(str(path), mode="r").attrs.get("steps_committed", -1))
-    except (FileNotFoundError, ValueError):
-        return -1
 
 
 @pytest.mark.slow
 def test_a_second_writer_is_refused_while_the_first_finishes_intact(tmp_path):
     trace, go = tmp_path / "first" / "trace", tmp_path / "go"
-    first = _start(tmp_path / "first", "--max-steps", "40", "--hold", str(go))  # waits at step 10 for `go`
+    first = start_run(tmp_path / "first", "--max-steps", "40", "--hold", str(go))  # waits at step 10 for `go`
     deadline = time.monotonic() + 120
-    while _committed(trace) < 9:
-        assert first.poll() is None, first.stderr.read().decode()[-3000:]
+    while committed(trace) < 9:
+        assert first.poll() is None, finish(first)[1]
         assert time.monotonic() < deadline, "the first run did not commit in time"
         time.sleep(0.05)
     holder = json.loads(Path(lease_path(str(trace))).read_text())
     assert holder["pid"] == first.pid and holder["host"] == socket.gethostname() and holder["run_id"]
 
-    second = _start(tmp_path / "second", "--trace", str(trace), "--overwrite", "--max-steps", "5")
-    assert second.wait(timeout=300) != 0
-    error = second.stderr.read().decode()
+    second = start_run(tmp_path / "second", "--trace", str(trace), "--overwrite", "--max-steps", "5")
+    code, error = finish(second)
+    assert code != 0
     assert "TraceBusyError: Another run is writing the trace" in error and f"pid {first.pid} on host" in error
     assert first.poll() is None  # still holding: the refusal happened while it was writing
     go.touch()
 
-    assert first.wait(timeout=300) == 0, first.stderr.read().decode()[-3000:]
+    code, error = finish(first)
+    assert code == 0, error
     result = Trace(trace)  # the first run's trace, whole: every step, the final weights
     assert result.num_steps == 40 and result.run_id == holder["run_id"]
     np.testing.assert_array_equal(result.steps.global_step, np.arange(40))

@@ -17,13 +17,14 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
+import numpy as np
 import torch
 from lightning.pytorch.utilities import move_data_to_device
 from torch import Tensor, nn
 
 from lightning_tracetrain import functional as Fx
 from lightning_tracetrain.batch import batch_inputs
-from lightning_tracetrain.exceptions import TraceFormatError, TraceMismatchError
+from lightning_tracetrain.exceptions import TraceDivergedError, TraceFormatError, TraceMismatchError
 from lightning_tracetrain.explain.attribution import LayerAttribution, LayerQueries, attribute_chunk, query_state
 from lightning_tracetrain.explain.chunks import ChunkLoader, TraceChunks
 from lightning_tracetrain.explain.loading import Trust, load_model, steps_until
@@ -216,7 +217,10 @@ class Explainer(pl.LightningModule):
         """The model's layers must hold ``initial + sum of the first stop deltas`` (summed during the pass).
 
         A compact trace sums to them within one step's rounding (error feedback): the tolerance
-        grows by ``2**-keepbits`` of the largest total change of the parameter.
+        grows by ``2**-keepbits`` of the largest total change of the parameter. A mismatch is told
+        apart: non-finite weights mean the run diverged (the trace knows at which step); others, that
+        the checkpoint and the trace come from different runs. (Damaged chunks fail their checksums
+        while the pass reads them.)
         """
         keepbits = self.trace.spec.keepbits if self.trace.storage == StorageMode.compact else None
         for name, module in self.layers.items():
@@ -224,6 +228,8 @@ class Explainer(pl.LightningModule):
                 change = self._out[name][f"sum/{param}"].cpu()
                 traced = (w0.double() + change).float()
                 actual = getattr(module, param).detach().float().cpu()
+                if not (torch.isfinite(actual).all() and torch.isfinite(traced).all()):
+                    raise TraceDivergedError(self._diverged(f"{name}.{param}"))
                 atol = 1e-5 + (0.0 if keepbits is None else 2.0**-keepbits * float(change.abs().max()))
                 if not torch.allclose(actual, traced, rtol=1e-4, atol=atol):
                     raise TraceMismatchError(
@@ -231,6 +237,21 @@ class Explainer(pl.LightningModule):
                         f"{self.stop} steps: the checkpoint and the trace are from different models or runs. "
                         "Use the checkpoint saved by the traced run."
                     )
+
+    def _diverged(self, param: str) -> str:
+        steps = self.trace.steps
+        bad = np.flatnonzero(steps.nonfinite[: self.stop])
+        where = (
+            f"training diverged at step {int(bad[0])} (global step {int(steps.global_step[bad[0]])}), the first whose "
+            "change of the weights was not finite"
+            if len(bad)
+            else "training diverged (this trace does not record where: it predates steps/nonfinite)"
+        )
+        return (
+            f"{param} of the model holds NaN or infinite weights: {where}. Explanations of a diverged run mean "
+            "nothing: retrain with a smaller learning rate or gradient clipping, or explain a checkpoint saved before "
+            "the divergence."
+        )
 
     def explain(self, batches: Sequence[Any], trainer: pl.Trainer | None = None) -> dict[str, LayerAttribution]:
         """Attribute every layer for the queries (one batch of one example each), in one pass over the trace."""

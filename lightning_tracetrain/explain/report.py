@@ -9,6 +9,7 @@ influential training examples as images (a table for graphs).
 from __future__ import annotations
 
 import html
+import re
 from pathlib import Path
 from typing import Any
 
@@ -22,72 +23,144 @@ def write_report(path: str | Path, doc: dict[str, Any]) -> None:
     Path(path).write_text(render_report(doc), encoding="utf-8")
 
 
+HOW_TO_READ = (
+    "How to read this: the heatmap shows, for every traced layer, which classes' training steps built this "
+    "input's representation (each row splits the positive contributions, 100% in all). Below it, per layer, the "
+    "ridge plot shows for each class how its steps' contributions point relative to the representation (the cosine: "
+    "right of 0 they built it, left of 0 they worked against it; taller means more of them), followed by the "
+    "training examples that contributed most and least."
+)
+
+
 def render_report(doc: dict[str, Any]) -> str:
-    """The page for an influence document, as HTML."""
+    """The page for an influence document, as HTML: a table of contents, a summary table of every query, then
+    per drawn query a summary (class shares per layer, the last layer's proponents) and the figures per layer."""
     title = f"Why did the model learn this? ({doc['model']})"
-    images = doc.get("images", {})
-    grid = np.linspace(doc["ridge_grid"]["start"], doc["ridge_grid"]["stop"], doc["ridge_grid"]["points"])
-    parts: list[str] = []
-    first = True
-
-    def add(item: go.Figure | str) -> None:
-        nonlocal first
-        if isinstance(item, go.Figure):
-            parts.append(item.to_html(full_html=False, include_plotlyjs=first, config={"displaylogo": False}))
-            first = False
-        else:
-            parts.append(item)
-
-    parts.append(summary_table(doc))
+    page = _Page()
     drawn = [q for q in doc["queries"] if any("ridge" in layer for layer in q["layers"].values())]
+    page.add(_contents(drawn))
+    page.add(summary_table(doc))
     if len(drawn) < len(doc["queries"]):
-        parts.append(
+        page.add(
             f"<p>Figures for the first {len(drawn)} of {len(doc['queries'])} queries (influence.json holds every "
             "query's scores; explain with --report-queries N to draw more).</p>"
         )
-    for q in drawn:
-        p = q["probabilities"][q["predicted"]]
-        parts.append(f"<h2>Query {q['query']}: label {q['label']}, predicted {q['predicted']} (p={p:.2f})</h2>")
-        query_image = images.get("test", {}).get(str(q["query"]))
-        if query_image is not None:
-            add(_query_figure(doc, q, np.asarray(query_image), p))
-        for name, layer in q["layers"].items():
-            ridge = layer["ridge"]
-            densities = {int(c): np.asarray(d) for c, d in ridge["density"].items()}
-            add(
-                ridge_figure(
-                    grid,
-                    densities,
-                    ridge["classes"],
-                    q["predicted"],
-                    f"{name}: cos of each step's contribution, by the step's class",
-                )
-            )
-            if doc["privacy"]:
-                continue
-            for kind, key in (
-                ("most influential training examples", "top_examples"),
-                ("strongest opponents", "opponents"),
-            ):
-                examples = layer[key]
-                if not examples:
-                    add(f"<p>{html.escape(name)}: no {kind} (no training example has a negative score).</p>")
-                    continue
-                pictures = [images.get("train", {}).get(str(e["example"])) for e in examples]
-                if all(pic is not None for pic in pictures):
-                    titles = [f"#{e['example']} y={e['label']}<br>{e['score']:.3g}" for e in examples]
-                    add(images_figure([np.asarray(pic) for pic in pictures], titles, f"{name}: {kind}"))
-                else:
-                    add(f"<h4>{html.escape(name)}: {kind}</h4>" + examples_table(examples))
-    if first:  # no figure at all: still a valid page
-        parts.append("<p>No figures.</p>")
+    for number, q in enumerate(drawn):
+        _query_section(page, doc, q, number)
+    if page.first:  # no figure at all: still a valid page
+        page.add("<p>No figures.</p>")
     return (
         "<!DOCTYPE html><html><head><meta charset='utf-8'>"
         f"<title>{html.escape(title)}</title>"
         "<style>body{font-family:sans-serif;margin:2em;max-width:1100px}table{border-collapse:collapse}"
-        "td,th{border:1px solid #ccc;padding:2px 8px}</style></head><body>"
-        f"<h1>{html.escape(title)}</h1>" + "\n".join(parts) + "</body></html>"
+        "td,th{border:1px solid #ccc;padding:2px 8px}nav li{margin:2px 0}</style></head><body>"
+        f"<h1>{html.escape(title)}</h1>" + "\n".join(page.parts) + "</body></html>"
     )
+
+
+class _Page:
+    """The page's parts; plotly's script is inlined once, with the first figure."""
+
+    def __init__(self) -> None:
+        self.parts: list[str] = []
+        self.first = True
+
+    def add(self, item: go.Figure | str) -> None:
+        if isinstance(item, go.Figure):
+            config = {"displaylogo": False, "displayModeBar": item.layout.meta != "images"}  # no toolbar on images
+            self.parts.append(item.to_html(full_html=False, include_plotlyjs=self.first, config=config))
+            self.first = False
+        else:
+            self.parts.append(item)
+
+
+def _anchor(number: int, layer: str | None = None) -> str:
+    return f"q{number}" if layer is None else f"q{number}-{re.sub(r'[^A-Za-z0-9_-]', '-', layer)}"
+
+
+def _contents(drawn: list[dict[str, Any]]) -> str:
+    items = []
+    for number, q in enumerate(drawn):
+        layers = "".join(f"<li><a href='#{_anchor(number, name)}'>{html.escape(name)}</a></li>" for name in q["layers"])
+        heading = f"Query {q['query']}: label {q['label']}, predicted {q['predicted']}"
+        items.append(f"<li><a href='#{_anchor(number)}'>{heading}</a><ul>{layers}</ul></li>")
+    return f"<nav id='contents'><h2>Contents</h2><ul>{''.join(items)}</ul></nav>" if items else ""
+
+
+def _query_section(page: _Page, doc: dict[str, Any], q: dict[str, Any], number: int) -> None:
+    images = doc.get("images", {})
+    grid = np.linspace(doc["ridge_grid"]["start"], doc["ridge_grid"]["stop"], doc["ridge_grid"]["points"])
+    p = q["probabilities"][q["predicted"]]
+    heading = f"Query {q['query']}: label {q['label']}, predicted {q['predicted']} (p={p:.2f})"
+    page.add(f"<h2 id='{_anchor(number)}'>{heading}</h2>")
+    query_image = images.get("test", {}).get(str(q["query"]))
+    if query_image is not None:
+        page.add(_query_figure(doc, q, np.asarray(query_image), p))
+    page.add(class_share_heatmap(q))
+    last = list(q["layers"])[-1]
+    if not doc["privacy"]:
+        _examples(
+            page,
+            images,
+            last,
+            "most influential training examples of the last layer",
+            q["layers"][last]["top_examples"],
+        )
+    page.add(f"<p>{HOW_TO_READ}</p>")
+    for name, layer in q["layers"].items():
+        page.add(f"<h3 id='{_anchor(number, name)}'>{html.escape(name)}</h3>")
+        ridge = layer["ridge"]
+        densities = {int(c): np.asarray(d) for c, d in ridge["density"].items()}
+        title = f"{name}: cos of each step's contribution, by the step's class"
+        page.add(ridge_figure(grid, densities, ridge["classes"], q["predicted"], title))
+        if not doc["privacy"]:
+            _examples(page, images, name, "most influential training examples", layer["top_examples"])
+            _examples(page, images, name, "strongest opponents", layer["opponents"])
+
+
+def _examples(page: _Page, images: dict[str, Any], name: str, kind: str, examples: list[dict[str, Any]]) -> None:
+    """Training examples as thumbnails of one size when they are images, else as a table."""
+    if not examples:
+        page.add(f"<p>{html.escape(name)}: no {kind} (no training example has a negative score).</p>")
+        return
+    pictures = [images.get("train", {}).get(str(e["example"])) for e in examples]
+    if all(pic is not None for pic in pictures):
+        titles = [f"#{e['example']} y={e['label']}<br>{e['score']:.3g}" for e in examples]
+        page.add(images_figure([np.asarray(pic) for pic in pictures], titles, f"{name}: {kind}"))
+    else:
+        page.add(f"<h4>{html.escape(name)}: {kind}</h4>" + examples_table(examples))
+
+
+def class_share_heatmap(q: dict[str, Any]) -> go.Figure:
+    """Layers x classes: each class's share of the positive class scores (gamma) of the layer, for one query."""
+    layers = list(q["layers"])
+    classes = sorted({int(c) for layer in q["layers"].values() for c in layer["class_scores"]})
+    shares = []
+    for name in layers:
+        scores = q["layers"][name]["class_scores"]
+        positive = sum(v for v in scores.values() if v > 0) or 1.0
+        shares.append([max(scores.get(str(c), 0.0), 0.0) / positive for c in classes])
+    fig = go.Figure(
+        go.Heatmap(
+            z=shares,
+            x=[f"class {c}" for c in classes],
+            y=layers,
+            zmin=0,
+            zmax=1,
+            colorscale="Blues",
+            text=[[f"{v:.0%}" for v in row] for row in shares],
+            texttemplate="%{text}",
+            hovertemplate="%{y}, %{x}: %{text}<extra></extra>",
+            colorbar={"title": "share"},
+        )
+    )
+    fig.update_layout(
+        title="Which classes built this representation, layer by layer (share of positive gamma)",
+        height=120 + 30 * len(layers),
+        margin={"l": 110, "r": 10, "t": 50, "b": 40},
+        yaxis={"autorange": "reversed"},
+    )
+    return fig
 
 
 def summary_table(doc: dict[str, Any]) -> str:
@@ -121,7 +194,7 @@ def _query_figure(doc: dict[str, Any], q: dict[str, Any], image: np.ndarray, p: 
     cladec = doc.get("cladec")
     reconstructions = {} if cladec is None else cladec["reconstructions"].get(str(q["query"]), {})
     if not reconstructions:
-        return images_figure([image], [f"#{q['query']} y={q['label']}<br>{p:.3g}"], "the query (test example, p)")
+        return images_figure([image], [f"#{q['query']} y={q['label']}<br>p={p:.2f}"], "the query")
     layer = cladec["layer"]
     return images_figure(
         [image, *(np.asarray(r) for r in reconstructions.values())],
@@ -166,6 +239,9 @@ def ridge_figure(
     return fig
 
 
+THUMBNAIL = 130  # pixels per image in a row of images
+
+
 def images_figure(pictures: list[np.ndarray], titles: list[str], title: str) -> go.Figure:
     """Images (H, W) in grey or (H, W, 3) in colour, in a row with a title each."""
     fig = make_subplots(rows=1, cols=len(pictures), subplot_titles=titles)
@@ -177,7 +253,13 @@ def images_figure(pictures: list[np.ndarray], titles: list[str], title: str) -> 
             fig.add_trace(go.Heatmap(z=img[::-1], colorscale="Greys", showscale=False), row=1, col=col)
     fig.update_xaxes(visible=False)
     fig.update_yaxes(visible=False, scaleanchor="x")
-    fig.update_layout(title=title, height=200, margin={"l": 10, "r": 10, "t": 70, "b": 10})
+    fig.update_layout(  # one size for every thumbnail, however many there are
+        title=title,
+        height=210,
+        width=40 + THUMBNAIL * len(pictures),
+        margin={"l": 10, "r": 10, "t": 70, "b": 10},
+        meta="images",
+    )
     fig.update_annotations(font_size=10)
     return fig
 

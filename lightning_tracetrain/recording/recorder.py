@@ -86,6 +86,7 @@ class TraceRecorder:
         self._factored: FactoredSteps | None = None
         self._resume: ResumeState | None = None
         self._lease: Lease | None = None
+        self._warned_nonfinite = False
         self._examples = _PendingExamples()
 
     # ------------------------------------------------------------------ life cycle
@@ -161,6 +162,7 @@ class TraceRecorder:
                     writer.close(raise_errors=raise_errors)
                 finally:
                     self._resume = ResumeState(writer.run_id, writer.committed, writer.carry)
+                self._warn_nonfinite(writer)  # a run that diverged in its last steps
         finally:
             if self._lease is not None:
                 self._lease.release()
@@ -173,7 +175,7 @@ class TraceRecorder:
 
     def record(self, info: StepInfo) -> None:
         """After an optimizer step: stage the layers' changes and queue the step for the writer."""
-        self._check_lease()
+        self._check_run()
         index, label, ghost = self._examples.take()
         factors = None
         if self._factored is not None:
@@ -200,7 +202,7 @@ class TraceRecorder:
                 f"TraceCallback(storage='factored') got a skipped step ({info.global_step}) before its first step: "
                 "its layers are chosen on a real step. Trace this run with storage='lossless'."
             )
-        self._check_lease()
+        self._check_run()
         index, label, ghost = self._examples.take()
         writer = self._writer or self._create()
         writer.put(StepRecord(**vars(info), index=index, ghost=ghost, label=label, deltas=None))
@@ -218,12 +220,24 @@ class TraceRecorder:
 
     # ------------------------------------------------------------------ helpers
 
-    def _check_lease(self) -> None:
+    def _check_run(self) -> None:
+        """Stop when another run took the trace over; warn once when a step made the weights non-finite."""
+        if self._writer is not None:
+            self._warn_nonfinite(self._writer)
         if self._lease is not None and self._lease.lost:
             raise TraceBusyError(
                 f"Another run took over the lease of the trace at {self.options.dirpath} (this run's heartbeat was "
                 "late, so it looked gone); to keep both runs' steps apart this run stops recording. Its committed "
                 "steps are in the trace; resume from the last checkpoint into another dirpath."
+            )
+
+    def _warn_nonfinite(self, writer: TraceWriter) -> None:
+        if writer.first_nonfinite is not None and not self._warned_nonfinite:
+            self._warned_nonfinite = True
+            warnings.warn(
+                f"Global step {writer.first_nonfinite} changed the weights by NaN or infinity: training has diverged. "
+                "The trace records it (Trace.steps.nonfinite), and explanations of this run will say so.",
+                stacklevel=5,
             )
 
     def _stage(self, keys: list[Param]) -> None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import zarr
-from zarr.codecs import BloscCodec
+from zarr.codecs import BloscCodec, Crc32cCodec
 
 from lightning_tracetrain.trace.schema import StorageMode
 
@@ -34,3 +34,12 @@ def make_compressor(
             cname = "zstd" if storage == StorageMode.compact else "lz4"
         return BloscCodec(cname=cname, clevel=1 if cname == "zstd" else 5, shuffle="bitshuffle")
     return compressor
+
+
+def checksummed(compressor: zarr.abc.codec.BytesBytesCodec | None) -> tuple[zarr.abc.codec.BytesBytesCodec, ...]:
+    """An array's bytes-to-bytes codecs: the compressor (if any), then a crc32c checksum of each stored chunk.
+
+    A flipped or missing byte in a chunk then fails its checksum when read, instead of decoding to wrong
+    numbers or failing inside the compressor.
+    """
+    return (*(() if compressor is None else (compressor,)), Crc32cCodec())

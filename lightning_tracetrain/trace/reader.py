@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Iterator, Sequence
 from functools import cached_property
 from pathlib import Path
@@ -14,11 +13,13 @@ from torch import Tensor
 
 from lightning_tracetrain import functional as Fx
 from lightning_tracetrain.exceptions import TraceCorruptError, TraceFormatError, UnknownLayerError
-from lightning_tracetrain.trace import schema
+from lightning_tracetrain.trace import integrity, schema
+from lightning_tracetrain.trace.integrity import DECODE_ERRORS
 from lightning_tracetrain.trace.schema import ClassSpec, LayerSpec, StorageMode, TraceSpec
-from lightning_tracetrain.trace.store import open_group, optional_array
-from lightning_tracetrain.trace.summary import summary
+from lightning_tracetrain.trace.store import check_location, open_group, optional_array
+from lightning_tracetrain.trace.summary import stored_bytes, summary
 from lightning_tracetrain.trace.tables import Examples, FactorRows, StepTable
+from lightning_tracetrain.trace.verify import Verification, verify
 
 
 class Trace:
@@ -37,20 +38,26 @@ class Trace:
     def __init__(self, path: str | Path, storage_options: dict[str, Any] | None = None) -> None:
         self.path = str(path)
         self.storage_options = storage_options
+        check_location(self.path, storage_options)  # a mistake in the arguments is not damage
         try:
             self._group = open_group(self.path, "r", storage_options)
         except FileNotFoundError:
             raise TraceFormatError(
                 f"No trace at {self.path}: the path does not exist or holds no Zarr group."
             ) from None
+        except DECODE_ERRORS as exc:
+            raise TraceCorruptError(
+                f"The trace at {self.path} is damaged: its metadata document (zarr.json) cannot be read "
+                f"({type(exc).__name__}), so nothing in it can be located or trusted."
+            ) from exc
         attrs = dict(self._group.attrs)
         if attrs.get("format") != schema.FORMAT:
             raise TraceFormatError(f"{self.path} is a Zarr group but not a lightning_tracetrain trace.")
         version = attrs.get("format_version")
-        if version != schema.FORMAT_VERSION:
+        if version not in schema.READABLE_VERSIONS:
             raise TraceFormatError(
-                f"{self.path} has trace format version {version}; this lightning_tracetrain reads version "
-                f"{schema.FORMAT_VERSION}. Install the release that wrote it."
+                f"{self.path} has trace format version {version}; this lightning_tracetrain reads versions "
+                f"{', '.join(map(str, schema.READABLE_VERSIONS))}. Install the release that wrote it."
             )
         if not attrs.get("initialized"):
             raise TraceFormatError(f"{self.path} is an incomplete trace: its run stopped while creating it.")
@@ -71,10 +78,16 @@ class Trace:
             if type(value) is not int or value < 0:
                 self._corrupt(f"its counter {field} is {value!r}, not a non-negative integer")
         steps, examples = int(attrs["steps_committed"]), int(attrs.get("examples_committed", 0))
+        optional = {schema.example_path("label")}  # labels are created with the first labelled rows
+        if attrs["format_version"] == 1:
+            optional |= {schema.step_path(name) for name in schema.NEW_IN_VERSION_2}
         for path in self.spec.step_axis_paths():
-            array = optional_array(self._group, path)
+            try:
+                array = optional_array(self._group, path)
+            except DECODE_ERRORS:
+                array = self._array(path)  # raises the TraceCorruptError that names it
             if array is None:
-                if path != schema.example_path("label"):  # labels are created with the first labelled rows
+                if path not in optional:
                     self._corrupt(f"its array {path} is missing")
                 continue
             self._arrays[path] = array
@@ -205,10 +218,7 @@ class Trace:
 
     def chunk_ranges(self, start: int = 0, stop: int | None = None) -> list[tuple[int, int]]:
         """Steps ``[start, stop)`` split at the stored chunks' boundaries: the ranges that read whole chunks."""
-        start, stop = self._bounds(start, stop)
-        size = self.spec.chunk_steps
-        bounds = [start, *range((start // size + 1) * size, stop, size), stop]
-        return [(a, b) for a, b in itertools.pairwise(bounds) if b > a]
+        return integrity.split_rows(*self._bounds(start, stop), self.spec.chunk_steps)
 
     def iter_deltas(self, layer: str, start: int = 0, stop: int | None = None) -> Iterator[dict[str, Tensor]]:
         """Like :meth:`deltas`, one stored chunk of steps at a time."""
@@ -237,7 +247,10 @@ class Trace:
     def steps(self) -> StepTable:
         """Per-step metadata of the committed steps."""
         n = self.num_steps
-        cols = {name: self._array(schema.step_path(name))[:n] for name in schema.STEP_ARRAYS}
+        cols = {}
+        for name, dtype in schema.STEP_ARRAYS.items():
+            path = schema.step_path(name)
+            cols[name] = self._read(path, slice(0, n)).numpy() if self._has(path) else np.zeros(n, dtype=dtype)
         stop = cols["example_stop"]
         start = np.concatenate([[0], stop[:-1]]).astype(np.int64)
         return StepTable(
@@ -249,18 +262,19 @@ class Trace:
             lr=cols["lr"],
             example_start=start,
             example_stop=stop,
+            nonfinite=cols["nonfinite"],
         )
 
     @cached_property
     def examples(self) -> Examples:
         """Example rows of all committed steps; step ``t`` owns rows ``example_start[t]:example_stop[t]``."""
         n = int(self.steps.example_stop[-1]) if self.num_steps else 0
-        labels = optional_array(self._group, schema.example_path("label"))
-        label = labels[:n] if labels is not None else np.full(n, -1, np.int64)
+        rows = slice(0, n)
+        has_labels = self._has(schema.example_path("label"))
         return Examples(
-            index=self._array(schema.example_path("index"))[:n],
-            label=label,
-            ghost=self._array(schema.example_path("ghost"))[:n],
+            index=self._read(schema.example_path("index"), rows).numpy(),
+            label=self._read(schema.example_path("label"), rows).numpy() if has_labels else np.full(n, -1, np.int64),
+            ghost=self._read(schema.example_path("ghost"), rows).numpy(),
         )
 
     def real_examples(self, step: int) -> np.ndarray:
@@ -283,16 +297,11 @@ class Trace:
 
     def nbytes(self, layers: Sequence[str] | None = None) -> dict[str, int]:
         """Stored and raw (float32) bytes of the deltas (or factors) of the committed steps, of all or some layers."""
-        stored = raw = 0
-        for lay in self.spec.layers if layers is None else [self.layer(name) for name in layers]:
-            for p, shape in lay.params.items():
-                raw += int(np.prod(shape)) * 4 * self.num_steps
-                if p == "weight" and self.spec.is_factored(lay.name):
-                    sides = [self._array(schema.factor_path(lay.name, side)) for side in ("in", "out")]
-                    stored += sum(int(arr.nbytes_stored()) for arr in sides)
-                else:
-                    stored += int(self._array(schema.delta_path(lay.name, p)).nbytes_stored())
-        return {"stored": stored, "raw": raw}
+        return stored_bytes(self, layers)
+
+    def verify(self) -> Verification:
+        """Read every committed chunk and metadata document: what is damaged, and the last intact step."""
+        return verify(self.path, self.storage_options)
 
     def summary(self) -> str:
         """A short human-readable description: layers, steps, bytes."""
@@ -312,8 +321,26 @@ class Trace:
 
     def _array(self, path: str) -> Any:
         if path not in self._arrays:
-            self._arrays[path] = self._group[path]
+            self._arrays[path] = integrity.open_array(self._group, path, self.path)
         return self._arrays[path]
 
+    def _has(self, path: str) -> bool:
+        """Whether the trace has the array (``examples/label`` and version-2 arrays may be absent)."""
+        return path in self._arrays or optional_array(self._group, path) is not None
+
     def _read(self, path: str, rows: Any = Ellipsis) -> Tensor:
-        return torch.from_numpy(np.ascontiguousarray(self._array(path)[rows]))
+        """Rows of an array; a damaged chunk is a TraceCorruptError naming the array and the steps it holds."""
+        values = integrity.read(self._array(path), path, rows, lambda a, b: self._rows(path, a, b), self.path)
+        return torch.from_numpy(np.ascontiguousarray(values))
+
+    def _rows(self, path: str, first: int, last: int) -> str:
+        """What rows ``[first, last)`` of an array are, in steps."""
+        if "/initial/" in path:
+            return "the initial weights"
+        if not schema.is_example_axis(path):
+            return f"steps {first}..{last - 1}"
+        table = self.__dict__.get("steps")  # known once the step table was read
+        if table is None or not len(table.example_stop):
+            return f"example rows {first}..{last - 1}"
+        steps = np.searchsorted(table.example_stop, [first, max(first, last - 1)], side="right")
+        return f"example rows {first}..{last - 1}, of steps {int(steps[0])}..{min(int(steps[1]), self.num_steps - 1)}"

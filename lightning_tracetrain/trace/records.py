@@ -33,6 +33,7 @@ class StepRecord:
     deltas: Staged | None  # None: the step was skipped (AMP found inf/nan), its delta is zero
     # storage="factored": per factored layer, (input rows, -lr * output gradient rows), one row per example
     factors: dict[str, tuple[np.ndarray, np.ndarray]] | None = None
+    nonfinite: bool = False  # the step changed a weight by NaN or infinity (set by the writer)
 
     @property
     def skipped(self) -> bool:
@@ -50,6 +51,7 @@ def step_columns(recs: list[StepRecord], example_start: int) -> dict[str, np.nda
         "example_stop": example_start + np.cumsum(counts),
         "label": np.array([step_label(r) for r in recs], dtype=np.int64),
         "lr": np.array([list(r.lr) for r in recs], dtype=np.float64).reshape(len(recs), -1),
+        "nonfinite": np.array([r.nonfinite for r in recs], dtype=bool),
     }
 
 

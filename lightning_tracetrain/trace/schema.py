@@ -13,7 +13,8 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 FORMAT = "lightning_tracetrain.trace"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: a crc32c checksum on every chunk, steps/nonfinite; 1: neither
+READABLE_VERSIONS = (1, 2)
 
 #: Per-step arrays under ``steps/`` and their dtypes (``lr`` is 2-d: steps x param groups).
 STEP_ARRAYS: dict[str, str] = {
@@ -24,7 +25,10 @@ STEP_ARRAYS: dict[str, str] = {
     "example_stop": "int64",
     "label": "int64",
     "lr": "float64",
+    "nonfinite": "bool",  # the step changed a weight by NaN or infinity (version 2)
 }
+#: Step arrays a version-1 trace does not have.
+NEW_IN_VERSION_2 = ("nonfinite",)
 #: Per-example arrays under ``examples/`` (ragged over steps, split by ``steps/example_stop``).
 EXAMPLE_ARRAYS: dict[str, str] = {"index": "int64", "ghost": "bool", "label": "<from the data>"}
 

@@ -24,6 +24,7 @@ from zarr.core.sync import sync as zarr_sync
 from lightning_tracetrain._version import __version__
 from lightning_tracetrain.exceptions import TraceExistsError, TraceMismatchError, TraceWriteError
 from lightning_tracetrain.trace import schema
+from lightning_tracetrain.trace.codecs import checksummed
 from lightning_tracetrain.trace.schema import TraceSpec
 
 
@@ -32,12 +33,17 @@ def is_url(path: str) -> bool:
     return "://" in path
 
 
+def check_location(path: str, storage_options: dict[str, Any] | None) -> None:
+    """``storage_options`` belong to URLs: given for a local path they are a mistake worth naming."""
+    if storage_options and not is_url(path):
+        raise ValueError(f"storage_options are for fsspec URLs such as s3://bucket/trace, not the local path {path}.")
+
+
 def open_group(path: str, mode: str, storage_options: dict[str, Any] | None = None, **kwargs: Any) -> zarr.Group:
     """``zarr.open_group`` for a local folder or an fsspec URL (``storage_options`` go to the filesystem,
     e.g. ``{"endpoint_url": ..., "key": ..., "secret": ...}`` for S3; without them fsspec reads the usual
     environment, such as ``AWS_ENDPOINT_URL`` and ``AWS_ACCESS_KEY_ID``)."""
-    if storage_options and not is_url(path):
-        raise ValueError(f"storage_options are for fsspec URLs such as s3://bucket/trace, not the local path {path}.")
+    check_location(path, storage_options)
     extra = {"storage_options": storage_options} if storage_options else {}
     return zarr.open_group(store=path, mode=mode, zarr_format=3, **extra, **kwargs)
 
@@ -179,12 +185,14 @@ def _fill(
     initial: dict[tuple[str, str], np.ndarray],
     compressor: zarr.abc.codec.BytesBytesCodec | None,
 ) -> zarr.Group:
-    """Create the arrays of a new trace in ``group``, write the initial weights, then mark it initialized."""
+    """Create the arrays of a new trace in ``group``, write the initial weights, then mark it initialized.
+
+    Every array stores a crc32c checksum with each chunk (``checksummed``).
+    """
+    codecs = checksummed(compressor)
     shapes = {(lay.name, p): shape for lay in spec.layers for p, shape in lay.params.items()}
     for (layer, param), shape in shapes.items():
-        init = group.create_array(
-            schema.initial_path(layer, param), shape=shape, dtype="float32", compressors=compressor
-        )
+        init = group.create_array(schema.initial_path(layer, param), shape=shape, dtype="float32", compressors=codecs)
         init[...] = initial[(layer, param)]
     for layer, param in spec.dense_params():
         shape = shapes[(layer, param)]
@@ -194,7 +202,7 @@ def _fill(
             chunks=(spec.chunk_steps, *shape),
             dtype="float32",
             fill_value=0.0,
-            compressors=compressor,
+            compressors=codecs,
         )
     for layer in spec.factored:
         out_features, in_features = shapes[(layer, "weight")]
@@ -204,19 +212,19 @@ def _fill(
                 shape=(0, width),
                 chunks=(schema.factor_chunk(width), width),
                 dtype="float32",
-                compressors=compressor,
+                compressors=codecs,
             )
     for name, dtype in schema.STEP_ARRAYS.items():
         shape = (0, len(spec.lr_columns)) if name == "lr" else (0,)
         chunks = (schema.STEP_CHUNK, max(1, len(spec.lr_columns))) if name == "lr" else (schema.STEP_CHUNK,)
-        group.create_array(schema.step_path(name), shape=shape, chunks=chunks, dtype=dtype, compressors=compressor)
+        group.create_array(schema.step_path(name), shape=shape, chunks=chunks, dtype=dtype, compressors=codecs)
     for name in ("index", "ghost"):
         group.create_array(
             schema.example_path(name),
             shape=(0,),
             chunks=(schema.EXAMPLE_CHUNK,),
             dtype=schema.EXAMPLE_ARRAYS[name],
-            compressors=compressor,
+            compressors=codecs,
         )
     group.update_attributes({"initialized": True})
     return group

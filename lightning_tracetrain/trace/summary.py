@@ -2,14 +2,30 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import numpy as np
 
+from lightning_tracetrain.trace import schema
 from lightning_tracetrain.trace.schema import StorageMode
 
 if TYPE_CHECKING:
     from lightning_tracetrain.trace.reader import Trace
+
+
+def stored_bytes(trace: Trace, layers: Sequence[str] | None = None) -> dict[str, int]:
+    """Stored and raw (float32) bytes of the deltas (or factors) of the committed steps (``Trace.nbytes``)."""
+    stored = raw = 0
+    for lay in trace.spec.layers if layers is None else [trace.layer(name) for name in layers]:
+        for p, shape in lay.params.items():
+            raw += int(np.prod(shape)) * 4 * trace.num_steps
+            if p == "weight" and trace.spec.is_factored(lay.name):
+                paths = [schema.factor_path(lay.name, side) for side in ("in", "out")]
+            else:
+                paths = [schema.delta_path(lay.name, p)]
+            stored += sum(int(trace._array(path).nbytes_stored()) for path in paths)
+    return {"stored": stored, "raw": raw}
 
 
 def summary(trace: Trace) -> str:
@@ -20,6 +36,8 @@ def summary(trace: Trace) -> str:
     lines = [
         f"Trace {trace.path}",
         f"  model   {trace.module.class_path}",
+        f"  format  version {trace.attrs['format_version']} "
+        f"({'a crc32c checksum on every chunk' if trace.attrs['format_version'] >= 2 else 'no checksums'})",
         f"  steps   {trace.num_steps} (epochs {int(steps.epoch.max()) + 1 if trace.num_steps else 0}, "
         f"skipped {int(steps.skipped.sum()) if trace.num_steps else 0})",
         f"  classes {_classes(trace)}",
@@ -27,6 +45,9 @@ def summary(trace: Trace) -> str:
         f"({ratio:.2f}x compression, {_storage(trace)})",
         "  layers",
     ]
+    if steps.nonfinite.any():
+        first = int(steps.global_step[np.flatnonzero(steps.nonfinite)[0]])
+        lines.insert(4, f"  diverged at global step {first}: it changed the weights by NaN or infinity")
     for lay in trace.spec.layers:
         shapes = ", ".join(f"{p} {'x'.join(map(str, s))}" for p, s in lay.params.items())
         lines.append(f"    {lay.name:<24} {lay.module_type.rsplit('.', 1)[-1]:<10} {shapes}")

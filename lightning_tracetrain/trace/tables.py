@@ -20,6 +20,7 @@ class StepTable:
     lr: np.ndarray  # float64 (steps, param groups), columns named by Trace.lr_columns
     example_start: np.ndarray  # int64 (steps,): the step's rows in Trace.examples
     example_stop: np.ndarray  # int64 (steps,)
+    nonfinite: np.ndarray  # bool (steps,): the step changed a weight by NaN or infinity (all False in version 1)
 
     @property
     def rows(self) -> np.ndarray:

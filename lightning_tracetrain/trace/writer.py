@@ -94,7 +94,13 @@ class TraceWriter:
             self._carry = np.zeros(int(bounds[-1]), dtype=np.float32) if carry is None else carry.astype(np.float32)
             if self._carry.shape != (int(bounds[-1]),):
                 raise ValueError(f"A compact carry of {self._carry.shape} for {int(bounds[-1])} stored values.")
-        self._steps = {name: group[schema.step_path(name)] for name in schema.STEP_ARRAYS}
+        # a resumed version-1 trace has no steps/nonfinite: it stays version 1
+        self._steps = {
+            name: array
+            for name in schema.STEP_ARRAYS
+            if (array := optional_array(group, schema.step_path(name))) is not None
+        }
+        self.first_nonfinite: int | None = None  # global step of the first step that changed a weight by NaN/inf
         self._examples = {name: group[schema.example_path(name)] for name in ("index", "ghost")}
         if (label := optional_array(group, schema.example_path("label"))) is not None:
             self._examples["label"] = label
@@ -220,9 +226,16 @@ class TraceWriter:
         if record.deltas is not None:
             try:
                 delta = record.deltas.array()
+                record.nonfinite = not np.isfinite(delta).all()
                 window[row] = delta if self._round is None else self._rounded(delta)
             finally:
                 record.deltas.release()
+        if record.factors:
+            record.nonfinite |= not all(
+                np.isfinite(a).all() and np.isfinite(g).all() for a, g in record.factors.values()
+            )
+        if record.nonfinite and self.first_nonfinite is None:
+            self.first_nonfinite = record.global_step
         self._pending.append(record)
 
     def _submit(self) -> Future[None] | None:
@@ -254,7 +267,7 @@ class TraceWriter:
         columns = step_columns(recs, e_start)
         e_stop = int(columns["example_stop"][-1])
         writes = [(arr, start, values) for arr, values in zip(self._arrays, data, strict=True)]
-        writes += [(self._steps[name], start, values) for name, values in columns.items()]
+        writes += [(self._steps[name], start, values) for name, values in columns.items() if name in self._steps]
         if e_stop > e_start:
             rows = example_rows(recs)
             writes += [(self._examples[name], e_start, rows[name]) for name in ("index", "ghost")]
