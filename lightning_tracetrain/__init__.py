@@ -13,7 +13,7 @@ Tracing the Training Process" (AAAI 2022) for PyTorch Lightning.
 """
 
 from lightning_tracetrain._version import __version__
-from lightning_tracetrain.batch import IndexedDataset
+from lightning_tracetrain.batch import IndexedDataset, IndexedPair
 from lightning_tracetrain.exceptions import (
     MissingIndexError,
     TraceBusyError,
@@ -44,6 +44,7 @@ __all__ = [
     "GhostBatchNorm2d",
     "GhostBatchNormNodes",
     "IndexedDataset",
+    "IndexedPair",
     "MissingIndexError",
     "SingleClassBatchSampler",
     "SingleClassBatchesMixin",

@@ -1,9 +1,11 @@
 """The batch protocol shared by recorder, sampler and explainer.
 
-A batch is a mapping with ``x`` (model input), ``y`` (labels) and ``index``
-(int64 dataset ids); single-class batches add ``ghost`` (bool mask, real rows
-first). Graph batches are PyG ``Batch`` objects carrying the same names as
-attributes. :class:`IndexedDataset` turns any ``(x, y)`` dataset into this shape.
+A batch carries ``x`` (model input), ``y`` (labels) and ``index`` (int64
+dataset ids); single-class batches add ``ghost`` (bool mask, real rows first).
+It is an :class:`IndexedPair` (from ``(x, y)`` datasets: it unpacks as
+``x, y = batch`` like the tuple it replaces), a mapping with those keys, or a
+PyG ``Batch`` carrying them as attributes. :class:`IndexedDataset` turns any
+dataset into one of these shapes.
 """
 
 from __future__ import annotations
@@ -12,37 +14,116 @@ import copy
 import copyreg
 import functools
 import sys
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
+from lightning_utilities.core.apply_func import apply_to_collection
 from torch import Tensor
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, default_collate
 
 from lightning_tracetrain.exceptions import MissingIndexError
 
 _WRAPPER_HINT = (
-    "Wrap the training dataset with `lightning_tracetrain.IndexedDataset(dataset)`, which yields "
-    "{'x': ..., 'y': ..., 'index': i} (or sets `data.index` on PyG graphs), or add an int64 'index' "
-    "entry with the dataset ids yourself."
+    "Wrap the training dataset with `lightning_tracetrain.IndexedDataset(dataset)` (one line: `x, y = batch` "
+    "keeps working, and the batch carries `batch.index`; PyG graphs get `data.index`), or add an int64 'index' "
+    "entry with the dataset ids to your mapping batches yourself."
 )
+_FIELDS = ("x", "y", "index", "ghost")
+
+
+@dataclass
+class IndexedPair:
+    """An ``(x, y)`` example or batch that also carries its dataset ids (and ghost flags).
+
+    It unpacks and indexes like the tuple it stands for (``x, y = batch``, ``batch[0]``), so a
+    ``training_step`` written for ``(x, y)`` batches works unchanged, while ``batch.index`` (or
+    ``batch["index"]``) holds what the recorder needs. DataLoader's default collate stacks a list of
+    pairs into one pair; ``.to()`` and ``.pin_memory()`` apply to every tensor, as Lightning and
+    DataLoader expect of a batch.
+
+    Example:
+        >>> import torch
+        >>> pair = IndexedPair(torch.zeros(2, 3), torch.tensor([0, 1]), torch.tensor([4, 7]))
+        >>> x, y = pair
+        >>> pair.index.tolist(), pair["y"].tolist(), len(pair)
+        ([4, 7], [0, 1], 2)
+    """
+
+    x: Any
+    y: Any
+    index: Tensor
+    ghost: Tensor | None = None
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter((self.x, self.y))
+
+    def __len__(self) -> int:
+        return 2
+
+    def __getitem__(self, key: int | slice | str) -> Any:
+        if isinstance(key, str):
+            if key not in _FIELDS or getattr(self, key) is None:
+                raise KeyError(key)
+            return getattr(self, key)
+        return (self.x, self.y)[key]
+
+    def get(self, key: str, default: Any = None) -> Any:
+        """``batch[key]``, or ``default`` when the pair has no such field (as a mapping batch would answer)."""
+        value = getattr(self, key, None) if key in _FIELDS else None
+        return default if value is None else value
+
+    def to(self, *args: Any, **kwargs: Any) -> IndexedPair:
+        """Every tensor of the pair moved or cast (``Tensor.to``'s arguments)."""
+        return self._apply(lambda t: t.to(*args, **kwargs))
+
+    def pin_memory(self) -> IndexedPair:
+        return self._apply(lambda t: t.pin_memory())
+
+    def _apply(self, fn: Any) -> IndexedPair:
+        return IndexedPair(*(apply_to_collection(getattr(self, f), Tensor, fn) for f in _FIELDS))
+
+
+def collate_pairs(batch: Sequence[IndexedPair], *, collate_fn_map: dict | None = None) -> IndexedPair:
+    """Stack examples into one batch: ``x`` and ``y`` by DataLoader's default collate, ids and ghost flags."""
+    ghost = None if batch[0].ghost is None else torch.stack([torch.as_tensor(b.ghost) for b in batch])
+    return IndexedPair(
+        default_collate([b.x for b in batch]),
+        default_collate([b.y for b in batch]),
+        torch.stack([torch.as_tensor(b.index) for b in batch]),
+        ghost,
+    )
+
+
+def _register_collate() -> None:
+    """Teach DataLoader's default collate to stack pairs (torch's documented way to extend it)."""
+    try:
+        from torch.utils.data._utils.collate import default_collate_fn_map
+    except ImportError:  # a torch without the registry: pass collate_fn=collate_pairs to the DataLoader
+        return
+    default_collate_fn_map[IndexedPair] = collate_pairs
+
+
+_register_collate()
 
 
 class IndexedDataset(Dataset):
     """Give every example of a dataset its id, following the batch protocol.
 
-    Items of the wrapped dataset may be ``(x, y)`` tuples, mappings (an
+    Items of the wrapped dataset may be ``(x, y)`` tuples (they become an
+    :class:`IndexedPair`, which still unpacks as ``x, y``), mappings (an
     ``index`` entry is added) or PyG ``Data`` objects (``data.index`` is set on
-    a shallow copy). The id is the position in the wrapped dataset.
+    a shallow copy). The id is the position in the wrapped dataset. Wrapping is
+    the one change a model trained on ``(x, y)`` batches needs to be traced.
 
     Example:
         >>> import torch
-        >>> from torch.utils.data import TensorDataset
+        >>> from torch.utils.data import DataLoader, TensorDataset
         >>> ds = IndexedDataset(TensorDataset(torch.zeros(3, 2), torch.tensor([0, 1, 0])))
-        >>> sorted(ds[2])
-        ['index', 'x', 'y']
-        >>> int(ds[2]["index"])
-        2
+        >>> x, y = next(iter(DataLoader(ds, batch_size=3)))  # as without the wrapper
+        >>> next(iter(DataLoader(ds, batch_size=3))).index.tolist()
+        [0, 1, 2]
     """
 
     def __init__(self, dataset: Dataset) -> None:
@@ -60,7 +141,7 @@ class IndexedDataset(Dataset):
         if isinstance(item, Mapping):
             return {**item, "index": index, **extra}
         if isinstance(item, tuple | list) and len(item) == 2:
-            return {"x": item[0], "y": torch.as_tensor(item[1]), "index": index, **extra}
+            return IndexedPair(item[0], torch.as_tensor(item[1]), index, extra.get("ghost"))
         if is_graph_item(item):
             return _indexed_graph(item, index, extra.get("ghost"))
         raise TypeError(
@@ -132,15 +213,25 @@ def _indexed_graph(data: Any, index: Tensor, ghost: Tensor | None = None) -> Any
 
 
 def batch_field(batch: Any, key: str) -> Any:
-    """``batch[key]`` of a mapping, ``batch.key`` of a PyG ``Batch``; None when absent."""
-    if isinstance(batch, Mapping):
+    """``batch[key]`` of a mapping or pair, ``x``/``y`` of a plain ``(x, y)`` tuple, ``batch.key`` of a PyG
+    ``Batch``; None when absent."""
+    if isinstance(batch, Mapping | IndexedPair):
         return batch.get(key)
+    if _is_plain_pair(batch):
+        return batch[0] if key == "x" else batch[1] if key == "y" else None
     return getattr(batch, key, None)
 
 
 def batch_inputs(batch: Any) -> Any:
-    """What the model's ``forward`` takes: ``batch["x"]`` of a mapping, the whole PyG ``Batch`` otherwise."""
-    return batch["x"] if isinstance(batch, Mapping) else batch
+    """What the model's ``forward`` takes: ``x`` of a mapping, pair or ``(x, y)`` tuple; a PyG ``Batch`` whole."""
+    if isinstance(batch, Mapping | IndexedPair) or _is_plain_pair(batch):
+        return batch_field(batch, "x")
+    return batch
+
+
+def _is_plain_pair(batch: Any) -> bool:
+    """An unwrapped ``(x, y)`` batch, as a plain DataLoader over a TensorDataset yields."""
+    return isinstance(batch, tuple | list) and len(batch) == 2
 
 
 def batch_index(batch: Any) -> Tensor:

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import importlib
 import sys
+from pathlib import Path
 
+from lightning_tracetrain.console import hide_foreign_notices, one_line_errors, wants_debug
 from lightning_tracetrain.lightning_cli import PROG, cli_main
 
 LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
@@ -23,18 +25,20 @@ COMMANDS = {
 
 
 def usage() -> str:
+    configs = sorted(Path("configs").glob("*.yaml")) if Path("configs").is_dir() else []
     lines = [
         f"usage: {PROG} COMMAND [OPTIONS]",
         "",
         "Training through LightningCLI, and the tools that explain what a traced run learned.",
         "",
-        "training (LightningCLI; see configs/*.yaml):",
+        "training (LightningCLI: a model, a datamodule and a TraceCallback from a config):",
         *(f"  {c:<12} {c} with a config, e.g. {PROG} {c} --config configs/digits.yaml" for c in LIGHTNING_COMMANDS),
+        *([f"  configs here: {', '.join(str(c) for c in configs)}"] if configs else []),
         "",
         "tools:",
         *(f"  {c:<12} {help}" for c, (_, help) in COMMANDS.items()),
         "",
-        f"{PROG} COMMAND --help shows a command's options.",
+        f"{PROG} COMMAND --help shows a command's options; --debug shows the traceback of a failure.",
     ]
     return "\n".join(lines)
 
@@ -45,9 +49,12 @@ def main(argv: list[str] | None = None) -> object:
         print(usage())
         return None
     command = argv[0]
-    if command in COMMANDS:
+    if command in COMMANDS:  # each tool handles --debug and its errors itself
         return importlib.import_module(COMMANDS[command][0]).main(argv[1:])
     if command in LIGHTNING_COMMANDS or command.startswith("-"):
-        return cli_main(argv)
+        args, debug = wants_debug(argv)
+        hide_foreign_notices()
+        with one_line_errors(debug):
+            return cli_main(args)
     print(f"{PROG}: error: unknown command {command!r}\n\n{usage()}", file=sys.stderr)
     raise SystemExit(2)

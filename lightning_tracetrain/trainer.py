@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import lightning.pytorch as pl
@@ -21,4 +24,17 @@ def quiet_trainer(*, progress_bar: bool = False, **kwargs: Any) -> pl.Trainer:
         "enable_model_summary": False,
         "num_sanity_val_steps": 0,
     }
-    return pl.Trainer(**{**settings, **kwargs})
+    with quiet_logs():
+        return pl.Trainer(**{**settings, **kwargs})
+
+
+@contextmanager
+def quiet_logs() -> Iterator[None]:
+    """Lightning's INFO lines (devices found, tips) muted: the library's short jobs report for themselves."""
+    log = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    level = log.level
+    log.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        log.setLevel(level)

@@ -37,6 +37,7 @@ from lightning_tracetrain import (
     TraceWriteError,
     UnknownLayerError,
 )
+from lightning_tracetrain.trace.store import open_group, truncate
 
 
 class Scheduled(TinyCNN):
@@ -220,9 +221,26 @@ def test_a_class_defined_inside_a_function_is_warned_about(tmp_path):
     class Local(TinyCNN):
         pass
 
-    with pytest.warns(UserWarning, match=r"<locals>\.Local is defined inside a function.*module level"):
+    with pytest.warns(UserWarning, match=r"<locals>\.Local is defined inside a function.*move it into a module"):
         quiet_trainer(max_steps=1, callbacks=[TraceCallback(tmp_path / "t")]).fit(Local(), image_loader())
     assert Trace(tmp_path / "t").module.class_path.endswith("<locals>.Local")  # recorded all the same
+
+
+def test_a_class_defined_in_the_script_being_run_is_warned_about(tmp_path):
+    script = type("Script", (TinyCNN,), {"__module__": "__main__"})  # as `python train.py` defines it
+    with pytest.warns(UserWarning, match=r"__main__\.Script is defined in the script being run.*move it into a module"):
+        quiet_trainer(max_steps=1, callbacks=[TraceCallback(tmp_path / "t")]).fit(script(), image_loader())
+
+
+def test_a_trace_without_a_committed_step_is_replaced_without_asking(tmp_path):
+    path = tmp_path / "t"
+    quiet_trainer(max_steps=2, callbacks=[TraceCallback(path)]).fit(TinyCNN(), image_loader())
+    truncate(open_group(str(path), "r+"), 0)  # what a run killed right after creating its trace leaves
+    assert Trace(path).num_steps == 0
+    model = TinyCNN()
+    quiet_trainer(max_steps=3, callbacks=[TraceCallback(path)]).fit(model, image_loader())  # the fixed rerun
+    assert Trace(path).num_steps == 3
+    assert_reconstructs(Trace(path), model)
 
 
 def test_existing_trace_is_protected(tmp_path):

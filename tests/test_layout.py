@@ -13,6 +13,7 @@ PACKAGE = Path(__file__).parents[1] / "lightning_tracetrain"
 LEVELS = {
     "_version": 0,
     "exceptions": 0,
+    "console": 1,
     "batch": 1,
     "functional": 1,
     "trainer": 1,

@@ -12,6 +12,7 @@ import importlib
 import importlib.util
 import re
 import shlex
+import shutil
 from pathlib import Path
 
 import pytest
@@ -38,6 +39,19 @@ def _commands() -> list[str]:
     for span in re.findall(r"`(python (?:-m lightning_tracetrain|benchmarks/)[^`]*)`", README):
         found.append(shlex.join(shlex.split(span)))
     return list(dict.fromkeys(found))
+
+
+@pytest.mark.slow
+def test_the_readme_shows_what_make_demo_prints(tmp_path, monkeypatch):
+    """The README's demo output is the demo's own output (run here as ``make demo`` runs it): it cannot drift."""
+    from lightning_tracetrain.workloads import demo
+
+    shown = re.search(r"prints \(training log omitted\):\n\n```\n(.*?)\n```", README, re.S)
+    assert shown is not None, "the README's Quickstart shows what `make demo` prints"
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(ROOT / "configs", tmp_path / "configs")
+    printed = demo.main(["--config", "configs/digits.yaml"]).text.strip()
+    assert shown.group(1) == printed, f"The README's demo output has drifted; `make demo` now prints:\n{printed}"
 
 
 def test_the_python_examples_run_in_order(tmp_path, monkeypatch):

@@ -28,7 +28,7 @@ from lightning.pytorch.utilities import move_data_to_device
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
-from lightning_tracetrain.batch import batch_inputs
+from lightning_tracetrain.batch import batch_field, batch_inputs, is_graph_item
 from lightning_tracetrain.trainer import quiet_trainer
 
 
@@ -189,7 +189,7 @@ def fit_decoders(
     Keys: ``"ClaDec alpha=A"`` and ``"reference autoencoder"``.
     """
     item = dataset[0]
-    x = item.get("x") if isinstance(item, dict) else None
+    x = None if is_graph_item(item) else batch_field(item, "x")
     if not isinstance(x, Tensor):
         raise ValueError("ClaDec decodes to tensor inputs such as images; this dataset's inputs are not tensors.")
     decoders = {f"ClaDec alpha={a:g}": ClaDec(model, layer, x.shape, alpha=a) for a in alphas}

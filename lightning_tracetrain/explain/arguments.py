@@ -14,6 +14,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from lightning_tracetrain.console import plain
 from lightning_tracetrain.explain.loading import Trust
 
 
@@ -32,16 +33,24 @@ class ExplainArguments:
     The same from Python: ``explain(ExplainArguments(ckpt=..., trace=...))``.
     """
 
-    ckpt: str = option("Lightning checkpoint of the traced run (a path or fsspec URL)")
-    trace: str = option("the trace directory (or fsspec URL) the run wrote")
+    ckpt: str = option("Lightning checkpoint of the traced run (a path or fsspec URL)", metavar="CKPT")
+    trace: str = option("the trace directory (or fsspec URL) the run wrote", metavar="TRACE")
     queries: list[int] = option(
-        "indices into the test set of the datamodule the trace recorded (its test_dataloader, unshuffled)",
+        "the test inputs to explain, as indices into the test set (of the datamodule the trace recorded, or of "
+        "--test-data)",
         [0, 1, 2],
         metavar="I",
     )
+    test_data: str | None = option(
+        "where the queries come from when the run had no LightningDataModule (or to explain other inputs): a "
+        "function without arguments that returns the test Dataset, DataLoader or LightningDataModule; its package "
+        "is imported and trusted like --trust-module, so name only your own code",
+        None,
+        metavar="MODULE:FUNCTION",
+    )
     layers: list[str] | None = option("layers to explain (default: every traced layer)", None, metavar="LAYER")
-    top_k: int = option("training examples listed per query and layer, best first", 5)
-    out: str = option("folder for influence.json and report.html", "explanations")
+    top_k: int = option("training examples listed per query and layer, best first", 5, metavar="K")
+    out: str = option("folder for influence.json and report.html", "explanations", metavar="DIR")
     score: Literal["gamma", "cosine"] = option(
         "rank examples by their summed gamma (Algorithm 1) or by their summed cosine", "gamma"
     )
@@ -58,18 +67,18 @@ class ExplainArguments:
         20,
         metavar="N",
     )
-    bandwidth: float = option("KDE bandwidth of the ridge plots (cosines live in [-1, 1])", 0.1)
-    num_workers: int = option("DataLoader worker processes reading the trace (0: a reading thread)", 0)
+    bandwidth: float = option("KDE bandwidth of the ridge plots (cosines live in [-1, 1])", 0.1, metavar="H")
+    num_workers: int = option("DataLoader worker processes reading the trace (0: a reading thread)", 0, metavar="N")
     cladec: str | None = option(
         "also show ClaDec and reference-autoencoder reconstructions of each query from this layer "
         "(trains both decoders on the training set first)",
         None,
         metavar="LAYER",
     )
-    cladec_alpha: float = option("ClaDec's classification weight in [0, 1]", 0.0)
-    cladec_epochs: int = option("decoder training epochs", 30)
-    devices: str = option("devices sharing the pass over the trace (DDP), or 'auto' for all", "1")
-    accelerator: str = option("cpu, gpu or auto", "auto")
+    cladec_alpha: float = option("ClaDec's classification weight in [0, 1]", 0.0, metavar="A")
+    cladec_epochs: int = option("decoder training epochs", 30, metavar="N")
+    devices: str = option("devices sharing the pass over the trace (DDP), or 'auto' for all", "1", metavar="N")
+    accelerator: str = option("where the pass runs: cpu, gpu or auto", "auto", metavar="KIND")
     storage_options: dict[str, Any] | None = option(
         'fsspec options of a trace URL as JSON, e.g. \'{"endpoint_url": "http://minio:9000"}\' '
         "(default: from the environment, such as AWS_ENDPOINT_URL)",
@@ -109,6 +118,8 @@ class ExplainArguments:
             problems.append(f"--cladec-epochs must be at least 1, got {self.cladec_epochs}")
         if self.score not in ("gamma", "cosine"):
             problems.append(f"--score must be 'gamma' or 'cosine', got {self.score!r}")
+        if self.test_data is not None and self.test_data.count(":") != 1:
+            problems.append(f"--test-data must be MODULE:FUNCTION, e.g. mypkg.data:test_set, got {self.test_data!r}")
         if not (str(self.devices).isdigit() and int(self.devices) >= 1) and self.devices != "auto":
             problems.append(f"--devices must be a number of devices or 'auto', got {self.devices!r}")
         elif self.cladec is not None and str(self.devices) != "1":
@@ -122,7 +133,9 @@ class ExplainArguments:
 
     @property
     def trust(self) -> Trust:
-        return Trust(tuple(self.trust_module), self.trust_trace)
+        """The modules named by --trust-module, and the package of --test-data (naming it is trusting it)."""
+        named = () if self.test_data is None else (self.test_data.partition(":")[0].split(".")[0],)
+        return Trust((*self.trust_module, *named), self.trust_trace)
 
 
 def dataclass_parser(cls: type, prog: str, epilog: str = "") -> argparse.ArgumentParser:
@@ -133,8 +146,8 @@ def dataclass_parser(cls: type, prog: str, epilog: str = "") -> argparse.Argumen
     """
     parser = argparse.ArgumentParser(
         prog=prog,
-        description=(cls.__doc__ or "").strip().splitlines()[0],
-        epilog=epilog,
+        description=plain((cls.__doc__ or "").strip().splitlines()[0]),
+        epilog=plain(epilog),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     hints = typing.get_type_hints(cls)
@@ -164,6 +177,7 @@ def dataclass_parser(cls: type, prog: str, epilog: str = "") -> argparse.Argumen
             kwargs["type"] = json.loads
         else:
             kwargs["type"] = kind
+            kwargs.setdefault("metavar", {int: "N", float: "X"}.get(kind))
         parser.add_argument(flag, required=required, **kwargs)
     return parser
 

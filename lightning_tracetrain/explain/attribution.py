@@ -142,14 +142,34 @@ def class_attribution(example_scores: Tensor, labels: Tensor) -> dict[int, Tenso
     return {int(c): example_scores[:, labels == c].sum(1) for c in torch.unique(labels) if c >= 0}
 
 
+def step_class_shares(
+    steps: StepTable, examples: Examples, stop: int, num_classes: int, rows: Tensor | None = None
+) -> Tensor:
+    """``(stop, classes)``: each step's share per class, from its real rows' labels (single-class steps: one-hot).
+
+    With ``rows`` (one query's exact shares of gamma per example row, a factored layer) a row counts
+    by the absolute value of its share, ghost rows included, instead of 1.
+    """
+    n_rows = int(steps.example_stop[stop - 1]) if stop else 0
+    if examples.label.ndim == 1:
+        labels = torch.from_numpy(examples.label[:n_rows].astype(np.int64))
+    else:  # multi-column labels: the step's own label, if it has one, for each of its rows
+        labels = torch.from_numpy(np.repeat(steps.label[:stop], steps.rows[:stop]))
+    if rows is None:
+        labels = labels.masked_fill(torch.from_numpy(examples.ghost[:n_rows]), -1)
+    weights = None if rows is None else rows[:n_rows]
+    return Fx.step_class_shares(torch.from_numpy(steps.rows[:stop]), labels, num_classes, weights)
+
+
 def ridge_densities(
-    attribution: LayerAttribution, step_labels: np.ndarray, query: int, grid: Tensor, bandwidth: float = 0.1
+    attribution: LayerAttribution, shares: Tensor, query: int, grid: Tensor, bandwidth: float = 0.1
 ) -> dict[int, Tensor]:
-    """Algorithm 3: per class, the weighted KDE of ``cos_t`` over its steps (weights: ``||H D_t^T + d_t||``)."""
-    cos, norm = attribution.cos[query], attribution.norm[query]
-    labels = torch.from_numpy(step_labels[: cos.shape[0]])
+    """Algorithm 3: per class, the weighted KDE of ``cos_t`` over the steps (weights: ``||H D_t^T + d_t||`` times
+    the class's share of the step, see :func:`step_class_shares`: with single-class steps, the class's steps)."""
+    cos, norm = attribution.cos[query].double(), attribution.norm[query].double()
+    shares = shares[: cos.shape[0]]
     return {
-        int(c): Fx.weighted_kde(cos[labels == c].double(), norm[labels == c].double(), grid.double(), bandwidth)
-        for c in torch.unique(labels)
-        if c >= 0
+        c: Fx.weighted_kde(cos, norm * shares[:, c], grid.double(), bandwidth)
+        for c in range(shares.shape[1])
+        if shares[:, c].sum() > 0
     }

@@ -1,9 +1,16 @@
-"""``python -m lightning_tracetrain.explain --ckpt CKPT --trace TRACE``: explain test inputs by the training steps.
+"""``python -m lightning_tracetrain.explain --ckpt CKPT --trace TRACE``: why did the model learn to compute this?
 
-Rebuilds the model and datamodule from what the trace recorded (query ``i`` is
-the ``i``-th example of the test dataloader), makes one pass over the trace
-and writes ``OUT/influence.json`` (schema in docs/influence-format.md) and a
-self-contained ``OUT/report.html`` rendered from it.
+For each query (a test input) and each traced layer, attributes the layer's
+representation of the query to the training steps, examples and classes that
+built it, in one pass over the trace. Writes OUT/influence.json (every score;
+schema in docs/influence-format.md) and OUT/report.html (one offline page:
+contents, per query a summary, ridge plots and the most influential training
+examples).
+
+A query is an index into the test set: of the LightningDataModule the trace
+recorded (its test_dataloader), or of --test-data MODULE:FUNCTION when the run
+had none. The model is rebuilt from the class the trace recorded and the
+checkpoint's weights.
 
 Example:
     python -m lightning_tracetrain.explain --ckpt runs/digits/checkpoints/last.ckpt \\
@@ -14,19 +21,19 @@ from __future__ import annotations
 
 import argparse
 import json
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from lightning_tracetrain.baselines.cladec import fit_decoders
-from lightning_tracetrain.batch import batch_field
-from lightning_tracetrain.exceptions import TraceTrainError
+from lightning_tracetrain.batch import batch_field, is_graph_item
+from lightning_tracetrain.console import add_debug_flag, command
+from lightning_tracetrain.exceptions import TraceMismatchError, TraceTrainError
 from lightning_tracetrain.explain.arguments import ExplainArguments, dataclass_parser, parse
 from lightning_tracetrain.explain.document import Query, influence_document, merge_documents, picture
 from lightning_tracetrain.explain.explainer import Explainer
-from lightning_tracetrain.explain.loading import load_datamodule
+from lightning_tracetrain.explain.loading import load_datamodule, load_test_data
 from lightning_tracetrain.explain.report import write_report
 from lightning_tracetrain.trace import Trace
 
@@ -49,17 +56,22 @@ def explain(args: ExplainArguments) -> dict[str, Any]:
     """
     trace = Trace(args.trace, args.storage_options)
     explainer = Explainer.from_checkpoint(args.ckpt, trace, args.layers, trust=args.trust)
-    datamodule = load_datamodule(trace, args.trust)
-    test = datamodule.test_dataloader()
+    datamodule = None if trace.datamodule is None and args.test_data else load_datamodule(trace, args.trust)
+    test = load_test_data(args.test_data) if args.test_data else datamodule.test_dataloader()  # type: ignore[union-attr]
     for q in args.queries:
         if not 0 <= q < len(test.dataset):
+            where = args.test_data or type(datamodule).__name__
             raise QueryError(
-                f"Query {q} is out of range: the test set of {type(datamodule).__name__} has {len(test.dataset)} "
-                f"examples (0..{len(test.dataset) - 1})."
+                f"Query {q} is out of range: the test set of {where} has {len(test.dataset)} examples "
+                f"(0..{len(test.dataset) - 1})."
             )
-    train_set = datamodule.train_dataloader().dataset
+    train_set = None if datamodule is None else datamodule.train_dataloader().dataset
     decoders = {}
     if args.cladec is not None and not args.privacy:
+        if train_set is None:
+            raise TraceMismatchError(
+                "--cladec trains on the training set of the datamodule the trace recorded; it has none."
+            )
         decoders = fit_decoders(explainer.model, args.cladec, train_set, (args.cladec_alpha,), args.cladec_epochs)
     docs = []
     for first in range(0, len(args.queries), args.query_batch):  # memory: one batch of queries at a time
@@ -76,10 +88,7 @@ def explain(args: ExplainArguments) -> dict[str, Any]:
                 "layer": args.cladec,
                 "alpha": args.cladec_alpha,
                 "epochs": args.cladec_epochs,
-                "reconstructions": {
-                    q: {name: picture(d.reconstruct(items[q]["x"][None])[0]) for name, d in decoders.items()}
-                    for q in batch[:figures]
-                },
+                "reconstructions": {q: _reconstructions(decoders, items[q]) for q in batch[:figures]},
             }
         docs.append(
             influence_document(
@@ -93,7 +102,7 @@ def explain(args: ExplainArguments) -> dict[str, Any]:
                 top_k=args.top_k,
                 privacy=args.privacy,
                 bandwidth=args.bandwidth,
-                train_images=lambda i: _picture(train_set[i]),
+                train_images=None if train_set is None else (lambda i: _picture(train_set[i])),
                 cladec=cladec,
                 figures=figures,
             )
@@ -109,9 +118,13 @@ def explain(args: ExplainArguments) -> dict[str, Any]:
     return doc
 
 
+def _reconstructions(decoders: dict[str, Any], item: Any) -> dict[str, Any]:
+    return {name: picture(d.reconstruct(batch_field(item, "x")[None])[0]) for name, d in decoders.items()}
+
+
 def _picture(item: Any) -> Any:
     """An example's input as an image, when it is one (graphs are shown as tables)."""
-    return picture(item["x"]) if isinstance(item, Mapping) else None
+    return None if is_graph_item(item) else picture(batch_field(item, "x"))
 
 
 def _label(item: Any) -> int:
@@ -121,17 +134,14 @@ def _label(item: Any) -> int:
 
 def parser() -> argparse.ArgumentParser:
     """The options of :class:`ExplainArguments`; the help ends with what the command writes and an example."""
-    return dataclass_parser(ExplainArguments, "python -m lightning_tracetrain.explain", __doc__ or "")
+    return add_debug_flag(dataclass_parser(ExplainArguments, "python -m lightning_tracetrain.explain", __doc__ or ""))
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
+@command
+def main(argv: list[str]) -> dict[str, Any]:
     """Parse ``argv``, explain, print where the files went; a failure ends in one ``error:`` line (exit 2)."""
-    cli = parser()
-    args = parse(ExplainArguments, cli, argv)
-    try:
-        doc = explain(args)
-    except TraceTrainError as exc:
-        cli.exit(2, f"error: {exc}\n")
+    args = parse(ExplainArguments, parser(), argv)
+    doc = explain(args)
     if not doc:  # a rank other than 0 of a multi-device run
         return doc
     print(

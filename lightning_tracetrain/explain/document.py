@@ -19,6 +19,7 @@ from lightning_tracetrain.explain.attribution import (
     class_attribution,
     example_attribution,
     ridge_densities,
+    step_class_shares,
 )
 from lightning_tracetrain.trace import Trace
 
@@ -75,8 +76,12 @@ def influence_document(
         "steps": stop,
         "bandwidth": bandwidth,
         "ridge_grid": GRID,
+        # steps whose real examples are of several classes (shuffled batches): they count towards each
+        # class's ridge in proportion to its share of the step
+        "mixed_steps": round(_mixed_steps(trace, stop), 4),
         "queries": [],
     }
+    shares = step_class_shares(trace.steps, trace.examples, stop, probs.shape[1]) if figures else None
     shown: set[int] = set()
     for qi, query in enumerate(queries):
         predicted = int(probs[qi].argmax())
@@ -91,7 +96,10 @@ def influence_document(
         for name, attribution in results.items():
             layer = _layer(trace, stop, attribution, qi, score, top_k, privacy)
             if qi < figures:
-                densities = ridge_densities(attribution, trace.steps.label, qi, grid, bandwidth)
+                exact = attribution.rows  # a factored layer: each row's own share of gamma
+                if exact is not None:
+                    shares_q = step_class_shares(trace.steps, trace.examples, stop, probs.shape[1], exact[qi])
+                densities = ridge_densities(attribution, shares if exact is None else shares_q, qi, grid, bandwidth)
                 layer["ridge"] = {
                     "classes": classes,
                     "density": {str(c): _rounded(densities[c]) for c in classes if c in densities},
@@ -159,6 +167,21 @@ def _layer(
     doc["top_examples"] = [_example(i, labels[i], s[i]) for i in order.tolist()]
     doc["opponents"] = [_example(i, labels[i], s[i]) for i in worst.tolist() if s[i] < 0]
     return doc
+
+
+def _mixed_steps(trace: Trace, stop: int) -> float:
+    """Share of the first ``stop`` steps whose real rows are of several classes (-1 labels with labelled rows)."""
+    if not stop:
+        return 0.0
+    steps = trace.steps
+    labelled = np.zeros(stop, dtype=bool)
+    real = ~trace.examples.ghost[: int(steps.example_stop[stop - 1])]
+    label = trace.examples.label
+    if label.ndim == 1:
+        has = real & (label[: len(real)] >= 0)
+        row_step = np.repeat(np.arange(stop), steps.rows[:stop])
+        labelled[np.unique(row_step[has])] = True
+    return float(((steps.label[:stop] < 0) & labelled).mean())
 
 
 def picture(x: Any) -> np.ndarray | None:

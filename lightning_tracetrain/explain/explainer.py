@@ -11,6 +11,7 @@ weights costs no second read of the trace.
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -27,9 +28,9 @@ from lightning_tracetrain.batch import batch_inputs
 from lightning_tracetrain.exceptions import TraceDivergedError, TraceFormatError, TraceMismatchError
 from lightning_tracetrain.explain.attribution import LayerAttribution, LayerQueries, attribute_chunk, query_state
 from lightning_tracetrain.explain.chunks import ChunkLoader, TraceChunks
-from lightning_tracetrain.explain.loading import Trust, load_model, steps_until
+from lightning_tracetrain.explain.loading import Trust, load_model, saved_checkpoints, steps_until
 from lightning_tracetrain.trace import StorageMode, Trace
-from lightning_tracetrain.trainer import quiet_trainer
+from lightning_tracetrain.trainer import quiet_logs, quiet_trainer
 
 _FIELDS = ("gamma", "cos", "norm")
 
@@ -234,8 +235,8 @@ class Explainer(pl.LightningModule):
                 if not torch.allclose(actual, traced, rtol=1e-4, atol=atol):
                     raise TraceMismatchError(
                         f"Layer {name}.{param} of the model does not match the trace at {self.trace.path} after "
-                        f"{self.stop} steps: the checkpoint and the trace are from different models or runs. "
-                        "Use the checkpoint saved by the traced run."
+                        f"{self.stop} steps: the checkpoint and the trace are from different models or runs."
+                        f"{saved_checkpoints(self.trace) or ' Use the checkpoint saved by the traced run.'}"
                     )
 
     def _diverged(self, param: str) -> str:
@@ -273,10 +274,12 @@ class Explainer(pl.LightningModule):
         to write files: ``explainer.global_rank_``). The default Trainer keeps autograd on
         (``inference_mode=False``): query gradients need it.
         """
+        ours = trainer is None
         trainer = trainer or quiet_trainer(
             accelerator=accelerator, devices=devices, strategy=strategy, inference_mode=False, progress_bar=True
         )
-        with warnings.catch_warnings():  # predict_step fills self._out and returns None on purpose
+        with warnings.catch_warnings(), quiet_logs() if ours else contextlib.nullcontext():
+            # predict_step fills self._out and returns None on purpose
             warnings.filterwarnings("ignore", message="predict returned None")
             trainer.predict(self, self.chunk_loader(num_workers, trainer.world_size), return_predictions=False)
         return self.results()

@@ -22,6 +22,7 @@ import fsspec
 import lightning.pytorch as pl
 import numpy as np
 import torch
+from torch.utils.data import DataLoader, Dataset
 
 from lightning_tracetrain.exceptions import TraceMismatchError, UntrustedCodeError
 from lightning_tracetrain.trace import ClassSpec, Trace
@@ -73,6 +74,35 @@ def import_class(spec: ClassSpec, base: type, trust: Trust, what: str) -> type:
     return cls
 
 
+def saved_checkpoints(trace: Trace) -> str:
+    """The checkpoints the trace's run saved (still on disk), as a sentence for an error; '' when none is known."""
+    found = [c for c in trace.attrs.get("checkpoints", []) if "://" in c["path"] or Path(c["path"]).exists()]
+    if not found:
+        return ""
+    listed = ", ".join(f"{_shown(c['path'])} (global step {c['global_step']})" for c in found[-5:])
+    return f" The run that wrote this trace saved: {listed}."
+
+
+def check_run(checkpoint: dict[str, Any], ckpt: str | Path, trace: Trace) -> None:
+    """A checkpoint whose TraceCallback state names another run than the trace's does not belong to it."""
+    states = [v for k, v in (checkpoint.get("callbacks") or {}).items() if str(k).startswith("TraceCallback")]
+    runs = {str(s["run_id"]) for s in states if isinstance(s, dict) and s.get("run_id")}
+    if runs and trace.run_id not in runs:
+        hint = saved_checkpoints(trace) or " Use a checkpoint of that run."
+        raise TraceMismatchError(
+            f"The checkpoint {ckpt} was saved by another run (trace run {', '.join(sorted(runs))}) than the one that "
+            f"wrote the trace at {trace.path} (run {trace.run_id}).{hint}"
+        )
+
+
+def _shown(path: str) -> str:
+    """``path`` relative to the working directory when it is below it (as a user would type it)."""
+    try:
+        return str(Path(path).resolve().relative_to(Path.cwd()))
+    except ValueError:
+        return path
+
+
 def read_checkpoint(ckpt: str | Path, trust: Trust) -> dict[str, Any]:
     """A Lightning checkpoint (a path or fsspec URL) as a dict, read once, unpickling plain data only."""
     try:
@@ -98,10 +128,14 @@ def load_model(trace: Trace, ckpt: str | Path, trust: Trust = Trust()) -> tuple[
     The class is the one the trace recorded; its arguments are the checkpoint's hyperparameters
     (or the trace's); nothing the checkpoint names is imported.
     """
-    checkpoint = read_checkpoint(ckpt, trust)  # before any import: a bad checkpoint runs no code at all
-    cls = import_class(trace.module, pl.LightningModule, trust, "model")
+    try:
+        checkpoint = read_checkpoint(ckpt, trust)  # before any import: a bad checkpoint runs no code at all
+    except TraceMismatchError as exc:
+        raise TraceMismatchError(f"{exc}{saved_checkpoints(trace)}") from exc.__cause__
     if "state_dict" not in checkpoint:
         raise TraceMismatchError(f"{ckpt} is not a Lightning checkpoint: it has no 'state_dict'.")
+    check_run(checkpoint, ckpt, trace)
+    cls = import_class(trace.module, pl.LightningModule, trust, "model")
     saved = checkpoint.get("hyper_parameters")
     init_args = trace.module.init_args if saved is None else {k: v for k, v in saved.items() if not k.startswith("_")}
     try:
@@ -121,8 +155,9 @@ def load_datamodule(trace: Trace, trust: Trust = Trust()) -> pl.LightningDataMod
     """The LightningDataModule the trace recorded, set up for fitting and testing (queries come from its test set)."""
     if trace.datamodule is None:
         raise TraceMismatchError(
-            f"The trace at {trace.path} was recorded without a LightningDataModule, so the CLI cannot find test "
-            "inputs; use lightning_tracetrain.explain.Explainer from Python with your own query batches."
+            f"The trace at {trace.path} was recorded without a LightningDataModule (trainer.fit got dataloaders), so "
+            "there is no test set to take queries from: pass --test-data MODULE:FUNCTION, a function returning your "
+            "test Dataset, or fit with a LightningDataModule next time."
         )
     datamodule = import_class(trace.datamodule, pl.LightningDataModule, trust, "datamodule")(
         **trace.datamodule.init_args
@@ -130,6 +165,33 @@ def load_datamodule(trace: Trace, trust: Trust = Trust()) -> pl.LightningDataMod
     datamodule.setup("fit")
     datamodule.setup("test")
     return datamodule
+
+
+def load_test_data(spec: str) -> DataLoader:
+    """``MODULE:FUNCTION`` (``--test-data``): the test set the function returns, as a DataLoader of one example.
+
+    The function may return a Dataset, a DataLoader or a LightningDataModule (its test dataloader).
+    The user named the module, so importing it is their explicit choice.
+    """
+    module, _, name = spec.partition(":")
+    try:
+        function = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as exc:
+        raise TraceMismatchError(
+            f"--test-data {spec}: cannot import {name} from {module} ({type(exc).__name__}: {exc})."
+        ) from exc
+    data = function()
+    if isinstance(data, pl.LightningDataModule):
+        data.setup("test")
+        data = data.test_dataloader()
+    if isinstance(data, DataLoader):
+        return data
+    if isinstance(data, Dataset):
+        return DataLoader(data, batch_size=1)
+    raise TraceMismatchError(
+        f"--test-data {spec} returned a {type(data).__name__}; it must return a Dataset, a DataLoader or a "
+        "LightningDataModule."
+    )
 
 
 def steps_until(trace: Trace, global_step: int) -> int:

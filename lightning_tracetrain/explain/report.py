@@ -106,16 +106,28 @@ def _query_section(page: _Page, doc: dict[str, Any], q: dict[str, Any], number: 
             "most influential training examples of the last layer",
             q["layers"][last]["top_examples"],
         )
-    page.add(f"<p>{HOW_TO_READ}</p>")
+    page.add(f"<p>{HOW_TO_READ}{_mixed_note(doc)}</p>")
     for name, layer in q["layers"].items():
         page.add(f"<h3 id='{_anchor(number, name)}'>{html.escape(name)}</h3>")
         ridge = layer["ridge"]
         densities = {int(c): np.asarray(d) for c, d in ridge["density"].items()}
-        title = f"{name}: cos of each step's contribution, by the step's class"
+        title = f"{name}: cos of each step's contribution, by class"
         page.add(ridge_figure(grid, densities, ridge["classes"], q["predicted"], title))
         if not doc["privacy"]:
             _examples(page, images, name, "most influential training examples", layer["top_examples"])
             _examples(page, images, name, "strongest opponents", layer["opponents"])
+
+
+def _mixed_note(doc: dict[str, Any]) -> str:
+    """One sentence when steps mix classes: what a ridge then shows (influence.json's ``mixed_steps``)."""
+    mixed = doc.get("mixed_steps", 0.0)
+    if not mixed:
+        return ""
+    return (
+        f" In this run {mixed:.0%} of the steps mixed several classes (shuffled batches), so each step counts towards "
+        "a class's curve in proportion to that class's share of its examples: the curves overlap more than with "
+        "single-class batches, and a class stands out only where its steps point differently."
+    )
 
 
 def _examples(page: _Page, images: dict[str, Any], name: str, kind: str, examples: list[dict[str, Any]]) -> None:

@@ -12,7 +12,12 @@ The recorder, the trace reader, the explainer and the batch norm layers call
 these functions; the tests compare them with slow references.
 """
 
-from lightning_tracetrain.functional.attribution import example_scores, predicted_class_share, weighted_kde
+from lightning_tracetrain.functional.attribution import (
+    example_scores,
+    predicted_class_share,
+    step_class_shares,
+    weighted_kde,
+)
 from lightning_tracetrain.functional.delta import (
     accumulate,
     factored_deltas,
@@ -50,6 +55,7 @@ __all__ = [
     "real_cross_entropy",
     "row_gammas",
     "row_steps",
+    "step_class_shares",
     "step_gammas",
     "step_sums",
     "weight_deltas",

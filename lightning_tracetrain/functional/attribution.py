@@ -44,3 +44,21 @@ def predicted_class_share(gamma: Tensor, step_labels: Tensor, predicted: Tensor)
     positive = gamma.clamp_min(0).double()
     own = positive * (step_labels[None, :] == predicted[:, None])
     return own.sum(1) / positive.sum(1).clamp_min(1e-300)
+
+
+def step_class_shares(rows_per_step: Tensor, labels: Tensor, num_classes: int, weights: Tensor | None = None) -> Tensor:
+    """``(steps, classes)``: how much of each step belongs to each class, each row summing to 1 (or 0).
+
+    ``rows_per_step`` counts each step's example rows (in order), ``labels`` gives each row's class
+    (``-1``: not counted, e.g. ghost rows or rows without a label). A row counts 1, or ``weights[row]``
+    (e.g. the absolute value of its exact share of gamma). A single-class step is one-hot; a step of a
+    shuffled batch is split by its rows' classes, so every step can be drawn in the ridge plots.
+    """
+    steps = len(rows_per_step)
+    step_of_row = torch.repeat_interleave(torch.arange(steps), rows_per_step.long())
+    weight = torch.ones(len(labels), dtype=torch.float64) if weights is None else weights.double().abs()
+    keep = (labels >= 0) & (labels < num_classes)
+    shares = torch.zeros(steps * num_classes, dtype=torch.float64)
+    shares.index_add_(0, step_of_row[keep] * num_classes + labels[keep].long(), weight[keep])
+    shares = shares.view(steps, num_classes)
+    return shares / shares.sum(1, keepdim=True).clamp_min(1e-300)

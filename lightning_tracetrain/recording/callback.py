@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -9,6 +10,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
+from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 from typing_extensions import override
 
@@ -109,6 +111,8 @@ class TraceCallback(Callback):
         self._hooks: list[Any] = []
         self._next_step: int | None = None  # global step of the next record
         self._batch_idx = -1
+        self._saved_step: int | None = None  # global step of the last checkpoint saved, until its file is noted
+        self._files: dict[str, float] = {}  # checkpoint files seen, with their modification times
 
     @property
     @override
@@ -134,6 +138,12 @@ class TraceCallback(Callback):
                 gradient_clip_val=trainer.gradient_clip_val,
             )
         self._trainer, self._next_step, self._batch_idx = trainer, None, -1
+        if trainer.datamodule is None:
+            rank_zero_info(
+                "TraceCallback: this run has no LightningDataModule (trainer.fit got dataloaders), so the trace names "
+                "none; `python -m lightning_tracetrain explain` then needs --test-data MODULE:FUNCTION (a function "
+                "returning the test dataset) to find its queries. Explainer takes any query batches from Python."
+            )
         if trainer.is_global_zero:
             self._recorder = TraceRecorder(self.options)
             self._recorder.start(
@@ -152,6 +162,7 @@ class TraceCallback(Callback):
         if self._next_step is None:  # global_step is restored from a checkpoint only after on_fit_start
             self._next_step = trainer.global_step
             self._check_continuity(trainer.global_step)
+        self._note_checkpoints(trainer)
         index = batch_index(batch)
         label = batch_labels(batch, len(index))
         ghost = batch_ghost(batch, len(index))
@@ -190,6 +201,7 @@ class TraceCallback(Callback):
             # a checkpoint must never be ahead of the trace: commit everything up to this step first
             self._record_skipped(self._trainer.global_step)
             state = self._recorder.commit()
+            self._saved_step = self._trainer.global_step  # its file is noted once ModelCheckpoint has written it
         if state is None:
             return {"run_id": None, "records": 0}
         carry = None if state.carry is None else torch.from_numpy(state.carry)
@@ -239,7 +251,26 @@ class TraceCallback(Callback):
                 f"{global_step}; resume from the checkpoint that was saved with this trace."
             )
 
+    def _note_checkpoints(self, trainer: pl.Trainer | None) -> None:
+        """Tell the trace which files the last checkpoint save wrote (ModelCheckpoint writes them after asking
+        for this callback's state, so they are found at the next hook by their modification times)."""
+        if self._saved_step is None or self._recorder is None or trainer is None:
+            return
+        for callback in trainer.checkpoint_callbacks:
+            paths = {
+                getattr(callback, "_last_checkpoint_saved", ""),
+                callback.last_model_path,
+                callback.best_model_path,
+            }
+            for path in filter(None, paths | set(getattr(callback, "best_k_models", {}))):
+                changed = os.path.getmtime(path) if os.path.exists(path) else None
+                if changed is not None and self._files.get(path) != changed:
+                    self._files[path] = changed
+                    self._recorder.note_checkpoint(os.path.abspath(path), self._saved_step)
+        self._saved_step = None
+
     def _close(self, *, raise_errors: bool) -> None:
+        self._note_checkpoints(self._trainer)
         for hook in self._hooks:
             hook.remove()
         self._hooks = []

@@ -214,6 +214,11 @@ class TraceRecorder:
         self._writer.flush()
         return ResumeState(self._writer.run_id, self._writer.committed, self._writer.carry)
 
+    def note_checkpoint(self, path: str, global_step: int) -> None:
+        """The run saved a checkpoint holding its first ``global_step`` steps at ``path`` (kept in the trace)."""
+        if self._writer is not None:
+            self._writer.note_checkpoint(path, global_step)
+
     def last_global_step(self) -> int | None:
         """Global step of the last committed step of a resumed trace (None for a new trace)."""
         return None if self._writer is None or self._writer.committed == 0 else self._writer.last_global_step()
@@ -310,10 +315,11 @@ def class_path(obj: Any) -> str:
 def class_spec(obj: Any) -> ClassSpec:
     """Import path and JSON-safe hyperparameters (``save_hyperparameters``) of a module or datamodule."""
     path = class_path(obj)
-    if "<locals>" in path:
+    where = "inside a function" if "<locals>" in path else "in the script being run (__main__)"
+    if "<locals>" in path or path.startswith("__main__."):
         warnings.warn(
-            f"{path} is defined inside a function, so tools cannot import it to rebuild the model from the trace; "
-            "define it at module level.",
+            f"{path} is defined {where}, so tools cannot import it to rebuild the model from the trace "
+            "(python -m lightning_tracetrain explain); move it into a module at its top level and import it.",
             stacklevel=3,
         )
     # LightningCLI adds private entries such as _class_path and _instantiator: not init arguments

@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from lightning_tracetrain.exceptions import TraceTrainError
+from lightning_tracetrain.console import add_debug_flag, command, plain
 from lightning_tracetrain.trace.reader import Trace
 from lightning_tracetrain.trace.verify import Verification, repair, verify
 
@@ -24,7 +24,7 @@ def parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m lightning_tracetrain.trace",
         description="Check a trace, keep its intact part, or describe it.",
-        epilog=__doc__,
+        epilog=plain(__doc__ or ""),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="{verify,info}")
@@ -37,26 +37,25 @@ def parser() -> argparse.ArgumentParser:
     info.add_argument("path", help="the trace (a folder or fsspec URL)")
     for sub in (check, info):
         sub.add_argument("--storage-options", type=json.loads, default=None, metavar="JSON", help="fsspec options")
+        add_debug_flag(sub)
     return parser
 
 
-def main(argv: list[str] | None = None) -> Verification | None:
-    """Run a command; damage or a failure exits non-zero with one ``error:`` line."""
+@command
+def main(argv: list[str]) -> Verification | None:
+    """Run a command; damage exits 1, a failure 2, each with one ``error:`` line."""
     cli = parser()
     args = cli.parse_args(argv)
-    try:
-        if args.command == "info":
-            print(Trace(args.path, args.storage_options).summary())
-            return None
-        result = verify(args.path, args.storage_options)
-        print(result.report())
-        if result.ok:
-            return result
-        if not args.repair:
-            cli.exit(1, "error: the trace is damaged; --repair keeps a copy cut back to its last intact step\n")
-        fixed = repair(args.path, args.out, in_place=args.in_place, storage_options=args.storage_options)
-    except TraceTrainError as exc:
-        cli.exit(2, f"error: {exc}\n")
+    if args.command == "info":
+        print(Trace(args.path, args.storage_options).summary())
+        return None
+    result = verify(args.path, args.storage_options)
+    print(result.report())
+    if result.ok:
+        return result
+    if not args.repair:
+        cli.exit(1, "error: the trace is damaged; --repair keeps a copy cut back to its last intact step\n")
+    fixed = repair(args.path, args.out, in_place=args.in_place, storage_options=args.storage_options)
     if not fixed.ok:
         cli.exit(1, f"error: the repaired trace at {fixed.path} still fails: {fixed.report()}\n")
     print(f"repaired: {fixed.path} holds the first {fixed.steps} steps, every chunk intact")

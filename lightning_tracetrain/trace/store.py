@@ -81,8 +81,8 @@ def check_new(path: str, spec: TraceSpec, *, overwrite: bool, storage_options: d
         return
     if attrs.get("format") != schema.FORMAT:
         raise TraceExistsError(f"{path} is a Zarr group but not a lightning_tracetrain trace; choose another dirpath.")
-    if not attrs.get("initialized") or overwrite:
-        return  # a creation that was cut off, or a trace the user asked to replace
+    if not attrs.get("initialized") or overwrite or attrs.get("steps_committed") == 0:
+        return  # a creation that was cut off, a trace the user asked to replace, or one with no step to lose
     existing = TraceSpec.from_attrs(attrs)
     if existing.fingerprint != spec.fingerprint:
         what = f"a trace of another model ({existing.describe()}); this run traces {spec.describe()}"

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import itertools
+import os
 import queue
 import threading
 import time
@@ -28,7 +29,7 @@ from lightning_tracetrain.exceptions import TraceWriteError
 from lightning_tracetrain.trace import schema
 from lightning_tracetrain.trace.records import StepRecord, example_rows, factor_rows, step_columns
 from lightning_tracetrain.trace.schema import StorageMode, TraceSpec
-from lightning_tracetrain.trace.store import optional_array, truncate
+from lightning_tracetrain.trace.store import is_url, optional_array, truncate
 
 
 class _Flush:
@@ -110,6 +111,8 @@ class TraceWriter:
         self._start = start  # first step of the current window
         self._example_start = int(group.attrs.get("examples_committed", 0))
         self.committed = start
+        last = self.last_global_step()  # checkpoints of steps a resume dropped are not this trace's any more
+        self._checkpoints = [c for c in group.attrs.get("checkpoints", []) if c.get("global_step", 0) <= last + 1]
         self._pending: list[StepRecord] = []
         self._error: BaseException | None = None
         self._queue: queue.Queue[Any] = queue.Queue(maxsize=max_pending)
@@ -145,6 +148,13 @@ class TraceWriter:
             self._thread.join()
         if raise_errors:
             self._raise_if_failed()
+
+    def note_checkpoint(self, path: str, global_step: int) -> None:
+        """Record that the run saved a checkpoint at ``path`` after ``global_step`` steps (written with the
+        next commit, or at close), so that a tool can name the checkpoint that matches the trace; local
+        files deleted since (ModelCheckpoint keeps its top k) are forgotten."""
+        kept = [c for c in self._checkpoints if c["path"] != path and (is_url(c["path"]) or os.path.exists(c["path"]))]
+        self._checkpoints = [*kept, {"path": path, "global_step": int(global_step)}]  # one assignment: thread-safe
 
     def last_global_step(self) -> int:
         """Global step of the last committed record (-1 when none)."""
@@ -276,12 +286,16 @@ class TraceWriter:
                 for side, arr in enumerate(arrays):
                     writes.append((arr, e_start, factor_rows(recs, name, side, arr.shape[1])))
         zarr_sync(_write_all(writes))  # data first, in one round trip to zarr's event loop ...
-        self._group.update_attributes({"steps_committed": start + n, "examples_committed": e_stop})  # ... then commit
+        counters = {"steps_committed": start + n, "examples_committed": e_stop}
+        self._group.update_attributes({**counters, "checkpoints": self._checkpoints})  # ... then commit
         self.committed = start + n
 
     def _tidy(self) -> None:
-        """Cut the arrays' shapes back to the committed rows (they grow ahead in whole chunks)."""
+        """Cut the arrays' shapes back to the committed rows (they grow ahead in whole chunks); note the last
+        checkpoints."""
         truncate(self._group, self.committed)
+        if self._checkpoints != self._group.attrs.get("checkpoints", []):
+            self._group.update_attributes({"checkpoints": self._checkpoints})
 
     def _label_array(self, recs: list[StepRecord]) -> zarr.Array:
         if "label" not in self._examples:

@@ -15,6 +15,7 @@ from typing import Any
 
 from lightning.pytorch.callbacks import ModelCheckpoint
 
+from lightning_tracetrain.console import add_debug_flag, command, plain
 from lightning_tracetrain.explain import ExplainArguments, explain
 from lightning_tracetrain.lightning_cli import cli_main
 from lightning_tracetrain.recording import TraceCallback
@@ -30,17 +31,21 @@ class DemoResult:
     checkpoint: str
     influence: dict[str, Any]
     specificity: dict[str, Any] | None
+    text: str  # what the demo printed (the README shows it, and a test checks that it still does)
 
 
 def parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m lightning_tracetrain demo", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m lightning_tracetrain demo", description=plain(__doc__.splitlines()[0])
+    )
     parser.add_argument("--config", default="configs/digits.yaml", help="LightningCLI config (default: %(default)s)")
     parser.add_argument("--epochs", type=int, default=None, help="override the config's max_epochs")
     parser.add_argument("--queries", type=int, nargs="+", default=[0, 1, 2], help="test inputs to explain")
-    return parser
+    return add_debug_flag(parser)
 
 
-def main(argv: list[str] | None = None) -> DemoResult:
+@command
+def main(argv: list[str]) -> DemoResult:
     args = parser().parse_args(argv)
 
     overrides = ["--trace.overwrite", "true"]  # the demo replaces its own earlier trace, and says so here
@@ -54,8 +59,14 @@ def main(argv: list[str] | None = None) -> DemoResult:
     ckpt = next(cb.last_model_path for cb in trainer.callbacks if isinstance(cb, ModelCheckpoint))
 
     trace = Trace(trace_dir)
-    print(trace.summary())
-    print(f"\ntest accuracy {result['test_acc']:.3f}; checkpoint {_shown(ckpt)}")
+    lines: list[str] = []
+
+    def say(text: str) -> None:
+        print(text)
+        lines.append(text)
+
+    say(trace.summary())
+    say(f"\ntest accuracy {result['test_acc']:.3f}; checkpoint {_shown(ckpt)}")
 
     out = Path(trainer.default_root_dir) / "explanations"
     doc = explain(ExplainArguments(ckpt=ckpt, trace=trace_dir, queries=args.queries, out=str(out)))
@@ -64,22 +75,22 @@ def main(argv: list[str] | None = None) -> DemoResult:
     for q in doc["queries"]:
         layer = q["layers"][shown]
         top = ", ".join(f"#{e['example']} (class {e['label']})" for e in layer["top_examples"][:3])
-        print(
+        say(
             f"query {q['query']}: label {q['label']}, predicted {q['predicted']}; {shown} learned it "
             f"mostly from {top}; class shares {_shares(layer['class_scores'])} ({layer['example_shares']})"
         )
     specificity = None
     if not (trace.steps.label >= 0).any():
-        print(f"\nmixed batches: no step belongs to one class, so no class specificity; report: {out / 'report.html'}")
+        say(f"\nmixed batches: no step belongs to one class, so no class specificity; report: {out / 'report.html'}")
     else:
         specificity = class_specificity(ckpt, trace_dir)
         shares = ", ".join(f"{name} {s['mean']:.0%}" for name, s in specificity["layers"].items())
-        print(
+        say(
             f"\nshare of positive gamma from steps of the predicted class, over the test set "
             f"(chance {specificity['share_of_steps_of_the_predicted_class']:.0%}): {shares}"
         )
-        print(f"\nreport: {out / 'report.html'}  (open it in a browser; data: {out / 'influence.json'})")
-    return DemoResult(trace, ckpt, doc, specificity)
+        say(f"\nreport: {out / 'report.html'}  (open it in a browser; data: {out / 'influence.json'})")
+    return DemoResult(trace, ckpt, doc, specificity, "\n".join(lines))
 
 
 def _shown(path: str) -> str:

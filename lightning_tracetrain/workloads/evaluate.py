@@ -40,6 +40,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from lightning_tracetrain.baselines import RepresenterPoints, TracIn, fit_decoders
 from lightning_tracetrain.baselines.cladec import reconstruct_all
 from lightning_tracetrain.batch import IndexedDataset
+from lightning_tracetrain.console import add_debug_flag, command
 from lightning_tracetrain.explain import Explainer, example_attribution
 from lightning_tracetrain.explain.arguments import dataclass_parser, option, parse
 from lightning_tracetrain.trace import Trace
@@ -264,10 +265,11 @@ def evaluate(args: EvaluateArguments, log: Log = print) -> dict[str, Any]:
 
 
 def parser() -> Any:
-    return dataclass_parser(EvaluateArguments, "python -m lightning_tracetrain evaluate")
+    return add_debug_flag(dataclass_parser(EvaluateArguments, "python -m lightning_tracetrain evaluate"))
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
+@command
+def main(argv: list[str]) -> dict[str, Any]:
     args = parse(EvaluateArguments, parser(), argv)
     result = evaluate(args)
     print()

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from lightning_tracetrain.console import add_debug_flag, command, plain
 from lightning_tracetrain.explain import Explainer, Trust, load_datamodule
 from lightning_tracetrain.functional import predicted_class_share
 
@@ -45,7 +46,7 @@ def class_specificity(
 
 def parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m lightning_tracetrain specificity", description=__doc__.splitlines()[0]
+        prog="python -m lightning_tracetrain specificity", description=plain(__doc__.splitlines()[0])
     )
     parser.add_argument("--ckpt", required=True, help="Lightning checkpoint of the traced run")
     parser.add_argument("--trace", required=True, help="the trace the run wrote (with single-class steps)")
@@ -54,10 +55,11 @@ def parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--trust-module", action="append", default=[], metavar="PREFIX", help="as explain's --trust-module"
     )
-    return parser
+    return add_debug_flag(parser)
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
+@command
+def main(argv: list[str]) -> dict[str, Any]:
     args = parser().parse_args(argv)
     result = class_specificity(args.ckpt, args.trace, args.queries, Trust(tuple(args.trust_module)))
     print(
