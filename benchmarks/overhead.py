@@ -9,6 +9,9 @@ one-off creation of the trace is reported separately). Workloads:
   of 32 plus 10 ghosts, ghost batch norm: what ``make demo`` trains);
 - ``digits-plain``: the same CNN with its defaults on ordinary shuffled batches of 32 (plain
   batch norm): a step 3x cheaper, so the same recording cost weighs 3x more;
+- ``digits-wide``: a parameter-heavy digits CNN (conv 32 and 64 channels, a 1024 -> 128 Linear, 151k
+  parameters, 0.6 MB of deltas per step) on shuffled batches of 32, plain SGD with momentum: the
+  recording path's cost shows, as it does for most users' models on CPU;
 - ``digits-factored``: configs/digits_factored.yaml (shuffled batches of 32, plain SGD), for
   ``--storage factored``;
 - ``vgg16``: the paper's VGG-16 for CIFAR-10 on synthetic tensors of CIFAR's shape;
@@ -41,7 +44,7 @@ from lightning_tracetrain.trainer import quiet_trainer
 from lightning_tracetrain.workloads.config import build
 from lightning_tracetrain.workloads.models import VGG16, PpaGIN
 
-WORKLOADS = ("digits", "digits-plain", "digits-factored", "vgg16", "gin")
+WORKLOADS = ("digits", "digits-plain", "digits-wide", "digits-factored", "vgg16", "gin")
 
 
 class _Timer(pl.Callback):
@@ -62,6 +65,7 @@ class _Timer(pl.Callback):
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.seconds = self._now() - self.start  # runs after TraceCallback.on_fit_end: the final commit is in
+        self.fit_s = self._now() - self.fit_start  # the whole fit: setup, the trace's creation, steps, close
 
 
 def _graphs(n: int, seed: int = 0) -> list[Any]:
@@ -91,6 +95,9 @@ def workload(name: str, batch_size: int | None) -> tuple[pl.LightningModule, Any
     if name == "digits-plain":  # the CNN's defaults (no batch norm, SGD momentum 0.9, lr 0.05) on shuffled batches
         model, data = build("digits", data={"single_class": False, "ghost_size": 0, "batch_size": batch_size or 32})
         return type(model)(), data
+    if name == "digits-wide":
+        model, data = build("digits", data={"single_class": False, "ghost_size": 0, "batch_size": batch_size or 32})
+        return type(model)(channels=32, hidden=128), data
     if name == "digits-factored":
         return build("digits_factored")
     g = torch.Generator().manual_seed(0)
@@ -122,7 +129,12 @@ def _run(args: argparse.Namespace, steps: int, trace_dir: str | None) -> dict[st
         trainer.fit(model, data)
     else:
         trainer.fit(model, datamodule=data)
-    out: dict[str, Any] = {"seconds": timer.seconds, "setup_s": timer.setup_s, "steps": trainer.global_step}
+    out: dict[str, Any] = {
+        "seconds": timer.seconds,
+        "setup_s": timer.setup_s,
+        "fit_s": timer.fit_s,
+        "steps": trainer.global_step,
+    }
     if trace_dir is not None:
         trace = Trace(trace_dir)
         out["recorded_steps"] = trace.num_steps
@@ -157,9 +169,11 @@ def main() -> None:
             plain = _run(args, args.steps, None)
             traced = _run(args, args.steps, f"{tmp}/trace{r}")
             assert traced["recorded_steps"] == traced["steps"] == plain["steps"]
-            untraced = {"untraced_s": plain["seconds"], "untraced_setup_s": plain["setup_s"]}
+            untraced = {f"untraced_{k}": plain[k] for k in ("setup_s", "fit_s")} | {"untraced_s": plain["seconds"]}
             pairs.append({**untraced, "traced_s": traced["seconds"], **traced})
     ratios = [p["traced_s"] / p["untraced_s"] for p in pairs]
+    fit_ratios = [p["fit_s"] / p["untraced_fit_s"] for p in pairs]
+    step_mb = pairs[-1]["bytes_raw"] / max(1, pairs[-1]["recorded_steps"]) / 2**20
     cmd = f"python benchmarks/overhead.py --workload {args.workload} --accelerator {args.accelerator} "
     cmd += f"--steps {args.steps} --repeats {args.repeats} --storage {args.storage}"
     cmd += f" --batch-size {args.batch_size}" if args.batch_size else ""
@@ -169,6 +183,9 @@ def main() -> None:
         "storage": args.storage,
         "ratio_median": statistics.median(ratios),
         "ratios": ratios,
+        "fit_ratio_median": statistics.median(fit_ratios),  # the whole trainer.fit, fixed costs included
+        "fit_ratios": fit_ratios,
+        "mb_per_step": step_mb,
         "ms_per_step_untraced": 1000 * statistics.median(p["untraced_s"] for p in pairs) / args.steps,
         "ms_per_step_traced": 1000 * statistics.median(p["traced_s"] for p in pairs) / args.steps,
         "trace_creation_s": statistics.median(p["setup_s"] - p["untraced_setup_s"] for p in pairs),
@@ -189,6 +206,7 @@ def main() -> None:
     print(
         f"{args.workload}: traced/untraced per step {result['ratio_median']:.3f}x (median of {args.repeats}); "
         f"{result['ms_per_step_untraced']:.2f} -> {result['ms_per_step_traced']:.2f} ms/step; "
+        f"whole fit {result['fit_ratio_median']:.3f}x; {step_mb:.2f} MB of deltas per step; "
         f"stored/raw bytes {result['storage_ratio']:.3f}; written to {out}"
     )
 

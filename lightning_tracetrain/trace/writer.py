@@ -9,7 +9,7 @@ disk slows training down instead of filling memory.
 
 from __future__ import annotations
 
-import asyncio
+import contextlib
 import errno
 import itertools
 import os
@@ -27,6 +27,7 @@ from zarr.core.sync import sync as zarr_sync
 
 from lightning_tracetrain.exceptions import TraceWriteError
 from lightning_tracetrain.trace import schema
+from lightning_tracetrain.trace.chunks import AppendedRows, ChunkEncoder, write_rows
 from lightning_tracetrain.trace.records import StepRecord, example_rows, factor_rows, step_columns
 from lightning_tracetrain.trace.schema import StorageMode, TraceSpec
 from lightning_tracetrain.trace.store import is_url, optional_array, truncate
@@ -47,6 +48,14 @@ def _wait(future: Future[None] | None) -> None:
 
 def _noop() -> None:
     pass
+
+
+def _yield_cpu() -> None:
+    """Lower the calling thread's scheduling priority (Linux; elsewhere a no-op), so that encoding chunks uses
+    the cores that training leaves idle instead of competing with its threads; backpressure keeps it going."""
+    with contextlib.suppress(AttributeError, OSError):  # no per-thread priorities here, or not allowed
+        thread = threading.get_native_id()
+        os.setpriority(os.PRIO_PROCESS, thread, min(19, os.getpriority(os.PRIO_PROCESS, thread) + 10))
 
 
 class TraceWriter:
@@ -84,11 +93,20 @@ class TraceWriter:
         self._factors = {
             name: tuple(group[schema.factor_path(name, side)] for side in ("in", "out")) for name in spec.factored
         }
-        # a window holds a chunk of steps, one row per step: every parameter's delta flattened and concatenated
+        self._encoders = {id(arr): enc for arr in self._arrays if (enc := ChunkEncoder.for_array(arr)) is not None}
+        # a step arrives as every parameter's delta flattened and concatenated (columns); a window holds a chunk
+        # of steps parameter by parameter, so that each array's rows are one contiguous (steps, *shape) block
         sizes = [int(np.prod(arr.shape[1:])) for arr in self._arrays]
         bounds = np.cumsum([0, *sizes])
         self._columns = [slice(int(a), int(b)) for a, b in itertools.pairwise(bounds)]
-        self._windows = [np.zeros((self._chunk, int(bounds[-1])), dtype=np.float32) for _ in range(2)]
+        self._windows = [np.zeros(self._chunk * int(bounds[-1]), dtype=np.float32) for _ in range(2)]
+        self._blocks = [
+            [
+                flat[self._chunk * c.start : self._chunk * c.stop].reshape(self._chunk, *arr.shape[1:])
+                for c, arr in zip(self._columns, self._arrays, strict=True)
+            ]
+            for flat in self._windows
+        ]
         self._round = numcodecs.BitRound(spec.keepbits) if spec.mode == StorageMode.compact else None
         self._carry: np.ndarray | None = None
         if self._round is not None:
@@ -102,21 +120,26 @@ class TraceWriter:
             if (array := optional_array(group, schema.step_path(name))) is not None
         }
         self.first_nonfinite: int | None = None  # global step of the first step that changed a weight by NaN/inf
+        self._example_start = int(group.attrs.get("examples_committed", 0))
         self._examples = {name: group[schema.example_path(name)] for name in ("index", "ghost")}
         if (label := optional_array(group, schema.example_path("label"))) is not None:
             self._examples["label"] = label
+        self._appended: dict[int, AppendedRows] = {}  # the arrays of steps and examples, by id
+        for arr in self._steps.values():
+            self._append_whole(arr, start)
+        for arr in [*self._examples.values(), *itertools.chain(*self._factors.values())]:
+            self._append_whole(arr, self._example_start)
         self._commit_every_s = commit_every_s
         self._window_commit: list[Future[None] | None] = [None, None]  # last commit that reads each window
         self._current = 0
         self._start = start  # first step of the current window
-        self._example_start = int(group.attrs.get("examples_committed", 0))
         self.committed = start
         last = self.last_global_step()  # checkpoints of steps a resume dropped are not this trace's any more
         self._checkpoints = [c for c in group.attrs.get("checkpoints", []) if c.get("global_step", 0) <= last + 1]
         self._pending: list[StepRecord] = []
         self._error: BaseException | None = None
         self._queue: queue.Queue[Any] = queue.Queue(maxsize=max_pending)
-        self._committer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="trace-commit")
+        self._committer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="trace-commit", initializer=_yield_cpu)
         self._thread = threading.Thread(target=self._run, name="trace-writer", daemon=True)
         self._thread.start()
 
@@ -229,15 +252,17 @@ class TraceWriter:
 
     def _append(self, record: StepRecord) -> None:
         row = len(self._pending)
-        window = self._windows[self._current]
         if row == 0:  # the window's previous commit must have read it before it is refilled
             _wait(self._window_commit[self._current])
-            window.fill(0.0)  # rows not yet filled are written as zeros by a partial commit
+            self._windows[self._current].fill(0.0)  # rows not yet filled are written as zeros by a partial commit
         if record.deltas is not None:
             try:
                 delta = record.deltas.array()
-                record.nonfinite = not np.isfinite(delta).all()
-                window[row] = delta if self._round is None else self._rounded(delta)
+                # exact and allocation-free: a float64 sum of float32 values is finite iff every value is
+                record.nonfinite = not np.isfinite(np.add.reduce(delta, dtype=np.float64))
+                delta = delta if self._round is None else self._rounded(delta)
+                for cols, block in zip(self._columns, self._blocks[self._current], strict=True):
+                    block[row] = delta[cols].reshape(block.shape[1:])
             finally:
                 record.deltas.release()
         if record.factors:
@@ -255,11 +280,8 @@ class TraceWriter:
             return None
         # A chunk-aligned window is written whole, so zarr never reads back and decodes a partly written
         # chunk; rows past the committed ones are zeros or later steps, and readers ignore them.
-        window = self._windows[self._current][: self._chunk if self._start % self._chunk == 0 else n]
-        data = [
-            window[:, cols].reshape(len(window), *arr.shape[1:])
-            for cols, arr in zip(self._columns, self._arrays, strict=True)
-        ]
+        rows = self._chunk if self._start % self._chunk == 0 else n
+        data = [block[:rows] for block in self._blocks[self._current]]
         job = (self._start, self._example_start, list(self._pending), data)
         future = self._committer.submit(self._guard, self._commit, *job)
         self._window_commit[self._current] = future
@@ -285,7 +307,13 @@ class TraceWriter:
             for name, arrays in self._factors.items():
                 for side, arr in enumerate(arrays):
                     writes.append((arr, e_start, factor_rows(recs, name, side, arr.shape[1])))
-        zarr_sync(_write_all(writes))  # data first, in one round trip to zarr's event loop ...
+        encoded = {}  # whole chunks, encoded here (the committer thread runs at a low priority)
+        for arr, first, values in writes:
+            if (rows := self._appended.get(id(arr))) is not None:
+                encoded[id(arr)] = rows.encode(first, values)
+            elif (encoder := self._encoders.get(id(arr))) is not None and encoder.fits(first, values):
+                encoded[id(arr)] = encoder.encode_chunks(first, values)
+        zarr_sync(write_rows(writes, encoded))  # data first, in one round trip to zarr's event loop ...
         counters = {"steps_committed": start + n, "examples_committed": e_stop}
         self._group.update_attributes({**counters, "checkpoints": self._checkpoints})  # ... then commit
         self.committed = start + n
@@ -296,6 +324,11 @@ class TraceWriter:
         truncate(self._group, self.committed)
         if self._checkpoints != self._group.attrs.get("checkpoints", []):
             self._group.update_attributes({"checkpoints": self._checkpoints})
+
+    def _append_whole(self, arr: zarr.Array, rows: int) -> None:
+        """Write ``arr`` (holding ``rows`` rows) a whole chunk at a time from now on, where its codecs allow."""
+        if (encoder := ChunkEncoder.for_array(arr)) is not None:
+            self._appended[id(arr)] = AppendedRows(arr, encoder, rows)
 
     def _label_array(self, recs: list[StepRecord]) -> zarr.Array:
         if "label" not in self._examples:
@@ -310,21 +343,5 @@ class TraceWriter:
                 fill_value=-1,
                 compressors=self._examples["index"].compressors,
             )
+            self._append_whole(self._examples["label"], 0)  # rows before its first write hold -1
         return self._examples["label"]
-
-
-async def _write_all(writes: list[tuple[zarr.Array, int, np.ndarray]]) -> None:
-    """Write row blocks into several arrays concurrently, growing each ahead of need.
-
-    Arrays grow geometrically in whole chunks, so most commits write data only;
-    rows past ``steps_committed`` are never read (readers trust the attribute).
-    """
-    grow = []
-    for arr, start, values in writes:
-        stop = start + len(values)
-        if arr.shape[0] < stop:
-            chunk = arr.chunks[0]
-            length = -(-max(stop, 2 * arr.shape[0]) // chunk) * chunk
-            grow.append(arr.async_array.resize((length, *arr.shape[1:])))
-    await asyncio.gather(*grow)
-    await asyncio.gather(*(arr.async_array.setitem(slice(s, s + len(v)), v) for arr, s, v in writes))
