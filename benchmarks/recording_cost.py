@@ -40,7 +40,7 @@ import zarr
 from sklearn.datasets import load_digits
 from zarr.core.sync import sync
 
-from lightning_tracetrain.recording.layers import select_layers
+from lightning_tracetrain.recording.layers import layer_parameters, select_layers
 from lightning_tracetrain.recording.recorder import RecorderOptions, StepInfo, TraceRecorder, class_spec
 from lightning_tracetrain.recording.staging import DeltaStager
 from lightning_tracetrain.trace.chunks import ChunkEncoder, store_chunks
@@ -60,7 +60,7 @@ def real_steps(steps: int, seed: int = 0) -> tuple[torch.nn.Module, list[list[to
     y = torch.as_tensor(digits.target)
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     layers = select_layers(model)
-    params = [p for m in layers.values() for p in (m.weight, m.bias)]
+    params = [p for m in layers.values() for p in layer_parameters(m).values()]  # the recorder's order
     out: list[list[torch.Tensor]] = []
     g = torch.Generator().manual_seed(seed)
     while len(out) < steps:
@@ -180,7 +180,7 @@ def recorder_run(
 ) -> dict[str, float]:
     """The recorder alone: ``record`` per step with the weights changed in place between steps."""
     layers = select_layers(model)
-    params = [p for m in layers.values() for p in (m.weight, m.bias)]
+    params = [p for m in layers.values() for p in layer_parameters(m).values()]  # the recorder's order
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     index, ghost = np.arange(32), np.zeros(32, bool)
     label = np.zeros(32, np.int64)
