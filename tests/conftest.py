@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -26,6 +28,38 @@ def quiet_trainer(**kwargs: Any) -> pl.Trainer:
 
 
 TRACE_RUN = Path(__file__).with_name("trace_run.py")
+
+needs_chromium = pytest.mark.skipif(
+    shutil.which("chromium") is None, reason="Debian package chromium is not installed (.ci/run installs it)"
+)
+
+
+def headless_chromium(page: Path) -> tuple[list[str], str]:
+    """Open ``page`` in headless Chromium (offline, scripts run): its console lines and the DOM it built."""
+    with tempfile.TemporaryDirectory() as profile:
+        proc = subprocess.run(
+            [
+                "chromium",
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-quic",
+                "--no-first-run",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+                f"--user-data-dir={profile}",
+                "--enable-logging=stderr",
+                "--v=0",
+                "--virtual-time-budget=8000",
+                "--dump-dom",
+                page.as_uri(),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    return [line for line in proc.stderr.splitlines() if "CONSOLE" in line], proc.stdout
 
 
 @pytest.fixture(autouse=True)

@@ -8,12 +8,11 @@ import re
 import shutil
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import quiet_trainer
+from conftest import headless_chromium, needs_chromium, quiet_trainer
 
 from lightning_tracetrain import Trace
 from lightning_tracetrain.explain.cli import main as explain_main
@@ -146,38 +145,11 @@ def test_cosine_ranking_and_privacy_mode_through_python_m(run, tmp_path):
     assert set(doc["queries"][0]["layers"]["net.fc2"]) >= {"class_scores", "init_score", "completeness_residual"}
 
 
-@pytest.mark.skipif(
-    shutil.which("chromium") is None, reason="Debian package chromium is not installed (.ci/run installs it)"
-)
+@needs_chromium
 def test_report_loads_in_headless_chromium_without_console_errors(run):
-    report = run / "explanations" / "report.html"
-    with tempfile.TemporaryDirectory() as profile:
-        proc = subprocess.run(
-            [
-                "chromium",
-                "--headless",
-                "--no-sandbox",
-                "--disable-gpu",
-                "--disable-quic",
-                "--no-first-run",
-                "--disable-background-networking",
-                "--disable-component-update",
-                "--disable-sync",
-                f"--user-data-dir={profile}",
-                "--enable-logging=stderr",
-                "--v=0",
-                "--virtual-time-budget=8000",
-                "--dump-dom",
-                report.as_uri(),
-            ],
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
-    console = [line for line in proc.stderr.splitlines() if "CONSOLE" in line]
+    console, dom = headless_chromium(run / "explanations" / "report.html")
     assert not console, console
-    assert proc.stdout.count('class="plot-container') >= 8  # plotly ran offline and drew the figures
-    dom = proc.stdout
+    assert dom.count('class="plot-container') >= 8  # plotly ran offline and drew the figures
     assert 'id="contents"' in dom and dom.count('href="#q') >= 2 + 2 * 4  # queries and their layers
     drawn_titles = re.findall(r'class="gtitle"[^>]*>Which classes built this representation', dom)
     assert len(drawn_titles) == 2  # the summary heatmap of each query, drawn

@@ -33,6 +33,7 @@ from lightning_tracetrain.exceptions import TraceMismatchError, TraceTrainError
 from lightning_tracetrain.explain.arguments import ExplainArguments, dataclass_parser, parse
 from lightning_tracetrain.explain.document import Query, influence_document, merge_documents, picture
 from lightning_tracetrain.explain.explainer import Explainer
+from lightning_tracetrain.explain.graphs import graph_drawing
 from lightning_tracetrain.explain.loading import load_datamodule, load_test_data
 from lightning_tracetrain.explain.report import write_report
 from lightning_tracetrain.trace import Trace
@@ -123,8 +124,8 @@ def _reconstructions(decoders: dict[str, Any], item: Any) -> dict[str, Any]:
 
 
 def _picture(item: Any) -> Any:
-    """An example's input as an image, when it is one (graphs are shown as tables)."""
-    return None if is_graph_item(item) else picture(batch_field(item, "x"))
+    """An example's input as an image when it is one, or as a graph drawing when it is a graph."""
+    return graph_drawing(item) if is_graph_item(item) else picture(batch_field(item, "x"))
 
 
 def _label(item: Any) -> int:

@@ -23,18 +23,20 @@ from lightning_tracetrain.explain.attribution import (
 )
 from lightning_tracetrain.trace import Trace
 
-Images = Callable[[int], np.ndarray | None]  # training example id -> image (H, W) or (H, W, 3); None for graphs
+# training example id -> image (H, W) or (H, W, 3), a graph drawing (explain/graphs.py), or None (a table)
+Images = Callable[[int], np.ndarray | dict[str, Any] | None]
 GRID = {"start": -1.0, "stop": 1.0, "points": 201}  # where the ridge densities are evaluated
 RIDGE_CLASSES = 10  # ridge rows per layer: the most probable classes
 
 
 @dataclass(frozen=True)
 class Query:
-    """A test input being explained: its index in the test set, its label, and its picture if it is an image."""
+    """A test input being explained: its index in the test set, its label, and its picture (an image array or a
+    graph drawing) when it has one."""
 
     index: int
     label: int
-    image: np.ndarray | None = None
+    image: np.ndarray | dict[str, Any] | None = None
 
 
 def influence_document(
@@ -57,8 +59,9 @@ def influence_document(
 
     Only the first ``figures`` queries (default: all) carry what the report draws, ridge densities and
     images, so a document of thousands of queries stays small. ``cladec`` (``{"layer", "alpha", "epochs",
-    "reconstructions": {query index: {decoder: image}}}``) is added as it is; images are left out in privacy
-    mode. Documents of consecutive query batches are joined with :func:`merge_documents`.
+    "reconstructions": {query index: {decoder: image}}}``) is added as it is; images and graph drawings
+    (``graphs``) are left out in privacy mode. Documents of consecutive query batches are joined with
+    :func:`merge_documents`.
     """
     if top_k < 0:
         raise ValueError(f"top_k must be 0 or more, got {top_k}.")
@@ -108,10 +111,15 @@ def influence_document(
             entry["layers"][name] = layer
         doc["queries"].append(entry)
     if not privacy:
-        test = {str(q.index): _rounded(q.image) for q in queries[:figures] if q.image is not None}
-        train = {str(i): _rounded(img) for i in sorted(shown) if (img := _image(train_images, i)) is not None}
-        if test or train:
-            doc["images"] = {"test": test, "train": train}
+        test = {str(q.index): q.image for q in queries[:figures] if q.image is not None}
+        train = {str(i): img for i in sorted(shown) if (img := _image(train_images, i)) is not None}
+        for key, drawn in (("images", False), ("graphs", True)):  # arrays are images, mappings graph drawings
+            parts = [
+                {k: v if drawn else _rounded(v) for k, v in d.items() if isinstance(v, dict) == drawn}
+                for d in (test, train)
+            ]
+            if parts[0] or parts[1]:
+                doc[key] = {"test": parts[0], "train": parts[1]}
         if cladec is not None:
             reconstructions = {
                 str(q): {k: _rounded(v) for k, v in r.items()} for q, r in cladec["reconstructions"].items()
@@ -123,7 +131,7 @@ def influence_document(
 def merge_documents(docs: list[dict[str, Any]]) -> dict[str, Any]:
     """One document from the documents of consecutive query batches (same trace and options)."""
     merged = {**docs[0], "queries": [q for doc in docs for q in doc["queries"]]}
-    for key, parts in (("images", ("test", "train")), ("cladec", ("reconstructions",))):
+    for key, parts in (("images", ("test", "train")), ("graphs", ("test", "train")), ("cladec", ("reconstructions",))):
         present = [doc[key] for doc in docs if key in doc]
         if present:
             merged[key] = {
@@ -194,7 +202,7 @@ def picture(x: Any) -> np.ndarray | None:
     return x.numpy()
 
 
-def _image(images: Images | None, index: int) -> np.ndarray | None:
+def _image(images: Images | None, index: int) -> np.ndarray | dict[str, Any] | None:
     return None if images is None else images(index)
 
 

@@ -3,7 +3,8 @@
 In the spirit of the paper's Figures 1, 5 and 6: per query and layer, the
 ridge plot of ``cos_t`` per class (Algorithm 3) for the classes with the
 highest predicted probability, the predicted class highlighted, and the most
-influential training examples as images (a table for graphs).
+influential training examples as images, or as node-link drawings for graphs
+(with the motif nodes coloured where the dataset knows them; a table otherwise).
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from typing import Any
 import numpy as np
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
+
+from lightning_tracetrain.explain.graphs import graphs_figure, motif_agreement, thumbnail_row
 
 
 def write_report(path: str | Path, doc: dict[str, Any]) -> None:
@@ -88,20 +91,23 @@ def _contents(drawn: list[dict[str, Any]]) -> str:
 
 
 def _query_section(page: _Page, doc: dict[str, Any], q: dict[str, Any], number: int) -> None:
-    images = doc.get("images", {})
+    images, graphs = doc.get("images", {}), doc.get("graphs", {})
     grid = np.linspace(doc["ridge_grid"]["start"], doc["ridge_grid"]["stop"], doc["ridge_grid"]["points"])
     p = q["probabilities"][q["predicted"]]
     heading = f"Query {q['query']}: label {q['label']}, predicted {q['predicted']} (p={p:.2f})"
     page.add(f"<h2 id='{_anchor(number)}'>{heading}</h2>")
     query_image = images.get("test", {}).get(str(q["query"]))
+    query_graph = graphs.get("test", {}).get(str(q["query"]))
     if query_image is not None:
         page.add(_query_figure(doc, q, np.asarray(query_image), p))
+    elif query_graph is not None:
+        page.add(graphs_figure([query_graph], [f"#{q['query']} y={q['label']}<br>p={p:.2f}"], "the query"))
     page.add(class_share_heatmap(q))
     last = list(q["layers"])[-1]
     if not doc["privacy"]:
         _examples(
             page,
-            images,
+            doc,
             last,
             "most influential training examples of the last layer",
             q["layers"][last]["top_examples"],
@@ -114,8 +120,9 @@ def _query_section(page: _Page, doc: dict[str, Any], q: dict[str, Any], number: 
         title = f"{name}: cos of each step's contribution, by class"
         page.add(ridge_figure(grid, densities, ridge["classes"], q["predicted"], title))
         if not doc["privacy"]:
-            _examples(page, images, name, "most influential training examples", layer["top_examples"])
-            _examples(page, images, name, "strongest opponents", layer["opponents"])
+            _examples(page, doc, name, "most influential training examples", layer["top_examples"])
+            page.add(motif_agreement(query_graph, layer["top_examples"], graphs.get("train", {})))
+            _examples(page, doc, name, "strongest opponents", layer["opponents"])
 
 
 def _mixed_note(doc: dict[str, Any]) -> str:
@@ -130,15 +137,18 @@ def _mixed_note(doc: dict[str, Any]) -> str:
     )
 
 
-def _examples(page: _Page, images: dict[str, Any], name: str, kind: str, examples: list[dict[str, Any]]) -> None:
-    """Training examples as thumbnails of one size when they are images, else as a table."""
+def _examples(page: _Page, doc: dict[str, Any], name: str, kind: str, examples: list[dict[str, Any]]) -> None:
+    """Training examples as thumbnails of one size when they are images or graphs, else as a table."""
     if not examples:
         page.add(f"<p>{html.escape(name)}: no {kind} (no training example has a negative score).</p>")
         return
-    pictures = [images.get("train", {}).get(str(e["example"])) for e in examples]
+    titles = [f"#{e['example']} y={e['label']}<br>{e['score']:.3g}" for e in examples]
+    pictures = [doc.get("images", {}).get("train", {}).get(str(e["example"])) for e in examples]
+    drawings = [doc.get("graphs", {}).get("train", {}).get(str(e["example"])) for e in examples]
     if all(pic is not None for pic in pictures):
-        titles = [f"#{e['example']} y={e['label']}<br>{e['score']:.3g}" for e in examples]
         page.add(images_figure([np.asarray(pic) for pic in pictures], titles, f"{name}: {kind}"))
+    elif all(d is not None for d in drawings):
+        page.add(graphs_figure(drawings, titles, f"{name}: {kind}"))  # type: ignore[arg-type]
     else:
         page.add(f"<h4>{html.escape(name)}: {kind}</h4>" + examples_table(examples))
 
@@ -263,17 +273,7 @@ def images_figure(pictures: list[np.ndarray], titles: list[str], title: str) -> 
             fig.add_trace(go.Image(z=(255 * (img - lo) / max(hi - lo, 1e-12)).astype(np.uint8)), row=1, col=col)
         else:
             fig.add_trace(go.Heatmap(z=img[::-1], colorscale="Greys", showscale=False), row=1, col=col)
-    fig.update_xaxes(visible=False)
-    fig.update_yaxes(visible=False, scaleanchor="x")
-    fig.update_layout(  # one size for every thumbnail, however many there are
-        title=title,
-        height=210,
-        width=40 + THUMBNAIL * len(pictures),
-        margin={"l": 10, "r": 10, "t": 70, "b": 10},
-        meta="images",
-    )
-    fig.update_annotations(font_size=10)
-    return fig
+    return thumbnail_row(fig, title, THUMBNAIL * len(pictures), height=210)
 
 
 def examples_table(examples: list[dict[str, Any]]) -> str:

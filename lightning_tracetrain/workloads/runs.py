@@ -8,8 +8,8 @@ from typing import Any
 
 import lightning.pytorch as pl
 from torch import Tensor
-from torch.utils.data import DataLoader
 
+from lightning_tracetrain.batch import loader_class
 from lightning_tracetrain.recording import TraceCallback
 from lightning_tracetrain.trace import Trace
 from lightning_tracetrain.trainer import quiet_trainer
@@ -22,11 +22,17 @@ def trainer(epochs: int, **kwargs: Any) -> pl.Trainer:
 
 
 def train_traced(
-    name: str, folder: Path, epochs: int, seed: int = 0, data: dict[str, Any] | None = None
+    name: str,
+    folder: Path,
+    epochs: int,
+    seed: int = 0,
+    data: dict[str, Any] | None = None,
+    model_args: dict[str, Any] | None = None,
 ) -> tuple[pl.LightningModule, pl.LightningDataModule, Trace]:
-    """The workload ``configs/NAME.yaml`` (datamodule ``seed`` and ``data`` overrides), traced into ``folder``."""
+    """The workload ``configs/NAME.yaml`` (datamodule ``seed`` and ``data``, model ``model_args`` overrides),
+    traced into ``folder``."""
     pl.seed_everything(seed, verbose=False)
-    model, datamodule = build(name, data={"seed": seed, **(data or {})})
+    model, datamodule = build(name, model=model_args, data={"seed": seed, **(data or {})})
     trainer(epochs, callbacks=[TraceCallback(folder, overwrite=True)]).fit(model, datamodule)
     return model.eval(), datamodule, Trace(folder)
 
@@ -54,12 +60,12 @@ def storage_ratios(traces: dict[str, Trace]) -> dict[str, dict[str, float]]:
 
 def single_batches(dataset: Any, ids: Sequence[int]) -> list[dict[str, Tensor]]:
     """Each example as a batch of one (the Explainer's queries)."""
-    loader = DataLoader(dataset)
-    return [loader.collate_fn([dataset[i]]) for i in ids]
+    collate = loader_class(dataset)(dataset).collate_fn  # PyG's for graphs
+    return [collate([dataset[i]]) for i in ids]
 
 
 def batches(dataset: Any, ids: Sequence[int] | None = None, size: int = 256) -> list[dict[str, Tensor]]:
     """The examples ``ids`` (default: all) in batches of ``size``, in order."""
     ids = list(range(len(dataset))) if ids is None else list(ids)
-    collate = DataLoader(dataset).collate_fn
+    collate = loader_class(dataset)(dataset).collate_fn
     return [collate([dataset[i] for i in ids[s : s + size]]) for s in range(0, len(ids), size)]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-_MODULES = {"Classifier": "classifier", "DigitsCNN": "cnn", "PpaGIN": "gin", "VGG16": "vgg"}
+_MODULES = {"Classifier": "classifier", "DigitsCNN": "cnn", "MotifGIN": "gin", "PpaGIN": "gin", "VGG16": "vgg"}
 
 __all__ = list(_MODULES)
 

@@ -1,4 +1,4 @@
-"""GNNs for ogbg-ppa, after OGB's example: GIN with edge features, and the paper's shallow variant."""
+"""GINs: OGB's ppa GIN with edge features (and the paper's shallow variant), and a GIN for featureless motif graphs."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch_geometric.nn import MessagePassing, global_mean_pool
+from torch_geometric.nn import MessagePassing, global_add_pool, global_mean_pool
 
 from lightning_tracetrain.batch import batch_inputs
 from lightning_tracetrain.singleclass.ghost import GhostBatchNormNodes
@@ -15,22 +15,23 @@ from lightning_tracetrain.workloads.models.classifier import Classifier
 
 
 class GINEdgeConv(MessagePassing):
-    """OGB's GIN layer: ``mlp((1 + eps) x + sum_j relu(x_j + edge_encoder(e_ij)))``."""
+    """OGB's GIN layer: ``mlp((1 + eps) x + sum_j relu(x_j + edge_encoder(e_ij)))``; with ``edge_dim=None``
+    the plain GIN layer ``mlp((1 + eps) x + sum_j x_j)`` of graphs without edge features."""
 
-    def __init__(self, emb_dim: int, edge_dim: int = 7, norm: type[nn.Module] = GhostBatchNormNodes) -> None:
+    def __init__(self, emb_dim: int, edge_dim: int | None = 7, norm: type[nn.Module] = GhostBatchNormNodes) -> None:
         super().__init__(aggr="add")
         self.mlp = nn.Sequential(
             nn.Linear(emb_dim, 2 * emb_dim), norm(2 * emb_dim), nn.ReLU(), nn.Linear(2 * emb_dim, emb_dim)
         )
         self.eps = nn.Parameter(torch.zeros(1))
-        self.edge_encoder = nn.Linear(edge_dim, emb_dim)
+        self.edge_encoder = None if edge_dim is None else nn.Linear(edge_dim, emb_dim)
 
-    def forward(self, x: Tensor, edge_index: Tensor, edge_attr: Tensor) -> Tensor:
-        edge = self.edge_encoder(edge_attr)
+    def forward(self, x: Tensor, edge_index: Tensor, edge_attr: Tensor | None = None) -> Tensor:
+        edge = None if self.edge_encoder is None else self.edge_encoder(edge_attr)
         return self.mlp((1 + self.eps) * x + self.propagate(edge_index, x=x, edge_attr=edge))
 
-    def message(self, x_j: Tensor, edge_attr: Tensor) -> Tensor:
-        return F.relu(x_j + edge_attr)
+    def message(self, x_j: Tensor, edge_attr: Tensor | None) -> Tensor:
+        return x_j if edge_attr is None else F.relu(x_j + edge_attr)
 
 
 class PpaGIN(Classifier):
@@ -104,3 +105,53 @@ class PpaGIN(Classifier):
         hp = self.hparams
         opt = torch.optim.SGD(self.parameters(), lr=hp.lr, momentum=hp.momentum, nesterov=hp.momentum > 0)
         return self.step_schedule(opt, list(hp.lr_milestones or [10, 40]))
+
+
+class MotifGIN(Classifier):
+    """A GIN for graphs without node or edge features (the motif workload): every node starts from one
+    learned embedding, ``num_layers`` GIN layers (MLP ``Linear``, ghost batch norm over nodes, ReLU,
+    ``Linear``) each followed by batch norm over nodes, sum (or mean) pooling and a linear head.
+    ``num_layers=1`` sees only each node's degree.
+
+    Traced layers: ``convs.{i}.mlp.0``, ``convs.{i}.mlp.3`` and ``head``.
+
+    Args:
+        num_layers: GIN layers.
+        emb_dim: Hidden width.
+        num_classes: Classes (motif types).
+        pool: ``add`` (counts, GIN's choice) or ``mean`` (OGB's).
+        lr: Learning rate of Adam (SGD plateaus for many epochs on these graphs).
+        lr_milestones: Epochs at which the learning rate is divided by 10 (none by default).
+        ghost_batch_norm: Ghost batch norm over the nodes instead of plain batch norm.
+    """
+
+    def __init__(
+        self,
+        num_layers: int = 4,
+        emb_dim: int = 32,
+        num_classes: int = 4,
+        pool: str = "add",
+        lr: float = 0.01,
+        lr_milestones: list[int] | None = None,
+        ghost_batch_norm: bool = True,
+    ) -> None:
+        super().__init__()
+        if pool not in ("add", "mean"):
+            raise ValueError(f"pool must be 'add' or 'mean', got {pool!r}.")
+        self.save_hyperparameters()
+        norm = GhostBatchNormNodes if ghost_batch_norm else nn.BatchNorm1d
+        self.node_encoder = nn.Embedding(1, emb_dim)
+        self.convs = nn.ModuleList(GINEdgeConv(emb_dim, edge_dim=None, norm=norm) for _ in range(num_layers))
+        self.norms = nn.ModuleList(norm(emb_dim) for _ in range(num_layers))
+        self.head = nn.Linear(emb_dim, num_classes)
+
+    def forward(self, batch: Any) -> Tensor:
+        h = self.node_encoder(batch.x.reshape(-1))
+        for conv, norm in zip(self.convs, self.norms, strict=True):
+            h = F.relu(norm(conv(h, batch.edge_index)))
+        pool = global_add_pool if self.hparams.pool == "add" else global_mean_pool
+        return self.head(pool(h, batch.batch))
+
+    def configure_optimizers(self) -> Any:
+        opt = torch.optim.Adam(self.parameters(), lr=self.hparams.lr)
+        return self.step_schedule(opt, list(self.hparams.lr_milestones or []))
