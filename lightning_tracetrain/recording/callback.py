@@ -10,17 +10,19 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from typing_extensions import override
 
 from lightning_tracetrain.batch import batch_ghost, batch_index, batch_labels
 from lightning_tracetrain.recording.factored import check_plain_sgd
-from lightning_tracetrain.recording.layers import select_layers
+from lightning_tracetrain.recording.layers import layer_parameters, select_layers
 from lightning_tracetrain.recording.recorder import RecorderOptions, StepInfo, TraceRecorder, class_spec
+from lightning_tracetrain.recording.space import space_warning
 from lightning_tracetrain.trace.codecs import Compressor, make_compressor
 from lightning_tracetrain.trace.schema import StorageMode
 from lightning_tracetrain.trace.store import ResumeState
+from lightning_tracetrain.trainer import quiet_logs
 
 
 class TraceCallback(Callback):
@@ -144,6 +146,7 @@ class TraceCallback(Callback):
                 "none; `python -m lightning_tracetrain explain` then needs --test-data MODULE:FUNCTION (a function "
                 "returning the test dataset) to find its queries. Explainer takes any query batches from Python."
             )
+        self._warn_if_too_large(trainer, layers)  # on every rank: sizing the loader may synchronize the ranks
         if trainer.is_global_zero:
             self._recorder = TraceRecorder(self.options)
             self._recorder.start(
@@ -154,6 +157,20 @@ class TraceCallback(Callback):
                 resume=self._resume,
             )
         self._hooks = [opt.register_step_post_hook(self._after_optimizer_step) for opt in trainer.optimizers]
+
+    def _warn_if_too_large(self, trainer: pl.Trainer, layers: dict[str, torch.nn.Module]) -> None:
+        """Warn (rank 0) at fit start when the projected trace exceeds the free space at dirpath (recording.space)."""
+        if self._resume is not None:
+            return  # a resumed run's remaining steps: the trace already holds the rest
+        sizes = {n: 4 * sum(t.numel() for t in layer_parameters(m).values()) for n, m in layers.items()}
+        try:
+            with quiet_logs():  # Lightning says it loads the train dataloader early (it would a moment later)
+                steps = float(trainer.estimated_stepping_batches)
+        except Exception:  # a loader Lightning cannot size: no projection, and never a failed fit for it
+            return
+        warning = space_warning(sizes, steps, self.options.storage, str(self.dirpath))
+        if warning is not None:
+            rank_zero_warn(warning)
 
     @override
     def on_train_batch_start(

@@ -41,7 +41,7 @@ def summary(trace: Trace) -> str:
         f"  steps   {trace.num_steps} (epochs {int(steps.epoch.max()) + 1 if trace.num_steps else 0}, "
         f"skipped {int(steps.skipped.sum()) if trace.num_steps else 0})",
         f"  classes {_classes(trace)}",
-        f"  deltas  {_bytes(size['stored'])} on disk, {_bytes(size['raw'])} as float32 "
+        f"  deltas  {format_bytes(size['stored'])} on disk, {format_bytes(size['raw'])} as float32 "
         f"({ratio:.2f}x compression, {_storage(trace)})",
         "  layers",
     ]
@@ -73,9 +73,10 @@ def _classes(trace: Trace) -> str:
     )
 
 
-def _bytes(n: float) -> str:
+def format_bytes(n: float) -> str:
+    """``n`` bytes as a person reads them: ``512 B``, ``33.3 MiB``, ``1.5 TiB``."""
     for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
+        if n < 1024:
             return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
         n /= 1024
     return f"{n:.1f} TiB"
