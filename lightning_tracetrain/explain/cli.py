@@ -97,7 +97,8 @@ def explain(args: ExplainArguments) -> dict[str, Any]:
                 explainer.stop,
                 results,
                 logits,
-                [Query(q, _label(items[q]), _picture(items[q])) for q in batch],
+                # pictures (a graph's layout takes milliseconds) only for the queries the report draws
+                [Query(q, _label(items[q]), _picture(items[q]) if i < figures else None) for i, q in enumerate(batch)],
                 checkpoint=args.ckpt,
                 score=args.score,
                 top_k=args.top_k,

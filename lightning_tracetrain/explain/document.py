@@ -21,6 +21,7 @@ from lightning_tracetrain.explain.attribution import (
     ridge_densities,
     step_class_shares,
 )
+from lightning_tracetrain.explain.graphs import is_drawing
 from lightning_tracetrain.trace import Trace
 
 # training example id -> image (H, W) or (H, W, 3), a graph drawing (explain/graphs.py), or None (a table)
@@ -115,8 +116,7 @@ def influence_document(
         train = {str(i): img for i in sorted(shown) if (img := _image(train_images, i)) is not None}
         for key, drawn in (("images", False), ("graphs", True)):  # arrays are images, mappings graph drawings
             parts = [
-                {k: v if drawn else _rounded(v) for k, v in d.items() if isinstance(v, dict) == drawn}
-                for d in (test, train)
+                {k: v if drawn else _rounded(v) for k, v in d.items() if is_drawing(v) == drawn} for d in (test, train)
             ]
             if parts[0] or parts[1]:
                 doc[key] = {"test": parts[0], "train": parts[1]}

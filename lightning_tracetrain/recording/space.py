@@ -16,6 +16,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from lightning_tracetrain.trace import StorageMode
+from lightning_tracetrain.trace.store import is_url
 from lightning_tracetrain.trace.summary import format_bytes
 
 BEST_LOSSLESS_COMPRESSION = 2.0  # float32 deltas through lz4 + shuffle: 1.4-1.8x measured; 2x as a lower bound
@@ -31,7 +32,7 @@ def projected_bytes(layer_bytes: Mapping[str, int], steps: int, mode: str) -> tu
 
 def free_bytes(dirpath: str) -> int | None:
     """Free space on the disk that will hold ``dirpath`` (its nearest existing parent); None for URLs."""
-    if "://" in dirpath:
+    if is_url(dirpath):
         return None
     path = Path(dirpath).resolve()
     while not path.exists():
@@ -45,23 +46,24 @@ def space_warning(layer_bytes: Mapping[str, int], steps: float, mode: str, dirpa
     free = free_bytes(dirpath)
     if free is None or not math.isfinite(steps) or steps <= 0 or mode == StorageMode.factored:
         return None
-    low, high = projected_bytes(layer_bytes, int(steps), mode)
+    steps = int(steps)
+    low, high = projected_bytes(layer_bytes, steps, mode)
     if low <= free:
         return None
     fits = []
-    if mode != StorageMode.compact and projected_bytes(layer_bytes, int(steps), StorageMode.compact)[0] <= free:
+    if mode != StorageMode.compact and projected_bytes(layer_bytes, steps, StorageMode.compact)[0] <= free:
         fits.append("storage='compact' (about a quarter of float32, 4 mantissa bits kept by default)")
     kept, total = [], 0.0
     for name, size in sorted(layer_bytes.items(), key=lambda kv: kv[1]):  # the smallest layers first
-        if projected_bytes({name: size}, int(steps), mode)[0] + total > free:
+        total += projected_bytes({name: size}, steps, mode)[0]
+        if total > free:
             break
         kept.append(name)
-        total += projected_bytes({name: size}, int(steps), mode)[0]
     if kept:
         fits.append(f"layers={kept}")
     advice = " or ".join(fits) if fits else "a disk with more free space (no choice of mode or layers fits)"
     return (
-        f"TraceCallback: this run's trace will not fit at {dirpath}: {int(steps)} steps of "
+        f"TraceCallback: this run's trace will not fit at {dirpath}: {steps} steps of "
         f"{format_bytes(sum(layer_bytes.values()))} of float32 deltas need {format_bytes(low)} to {format_bytes(high)} "
         f"({mode}), and {format_bytes(free)} are free. It would fit with {advice}."
     )

@@ -22,17 +22,11 @@ def trainer(epochs: int, **kwargs: Any) -> pl.Trainer:
 
 
 def train_traced(
-    name: str,
-    folder: Path,
-    epochs: int,
-    seed: int = 0,
-    data: dict[str, Any] | None = None,
-    model_args: dict[str, Any] | None = None,
+    name: str, folder: Path, epochs: int, seed: int = 0, data: dict[str, Any] | None = None
 ) -> tuple[pl.LightningModule, pl.LightningDataModule, Trace]:
-    """The workload ``configs/NAME.yaml`` (datamodule ``seed`` and ``data``, model ``model_args`` overrides),
-    traced into ``folder``."""
+    """The workload ``configs/NAME.yaml`` (datamodule ``seed`` and ``data`` overrides), traced into ``folder``."""
     pl.seed_everything(seed, verbose=False)
-    model, datamodule = build(name, model=model_args, data={"seed": seed, **(data or {})})
+    model, datamodule = build(name, data={"seed": seed, **(data or {})})
     trainer(epochs, callbacks=[TraceCallback(folder, overwrite=True)]).fit(model, datamodule)
     return model.eval(), datamodule, Trace(folder)
 

@@ -127,9 +127,9 @@ def _connected(base: Any) -> torch.Tensor:
     from scipy.sparse import coo_matrix
     from scipy.sparse.csgraph import connected_components
 
+    n = base.num_nodes
     while True:
         edge_index = base().edge_index
-        n = base.num_nodes
         adjacency = coo_matrix((np.ones(edge_index.shape[1]), edge_index.numpy()), shape=(n, n))
         if connected_components(adjacency, directed=False)[0] == 1:
             return edge_index
@@ -140,10 +140,9 @@ class MotifGraphs(Dataset):
     ``edge_index``, ``y`` (the label: the motif type), ``motif`` (which nodes are the motif's) and
     ``motif_type`` (what the report compares between a query and its proponents)."""
 
-    def __init__(self, arrays: dict[str, np.ndarray], names: tuple[str, ...] = ()) -> None:
+    def __init__(self, arrays: dict[str, np.ndarray]) -> None:
         self.arrays = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in arrays.items()}
         self.targets = self.arrays["label"]  # read by the single-class sampler without building graphs
-        self.names = names
 
     def __len__(self) -> int:
         return len(self.targets)
@@ -177,7 +176,7 @@ def cached_motif_graphs(root: str | Path, variant: str, num_graphs: int, base_no
         partial = path.with_suffix(".partial.npz")
         np.savez_compressed(partial, **arrays)
         partial.replace(path)  # a killed run leaves no half-written cache behind
-    return MotifGraphs(arrays, VARIANTS[variant])
+    return MotifGraphs(arrays)
 
 
 class MotifsDataModule(WorkloadDataModule):
