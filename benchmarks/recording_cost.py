@@ -40,8 +40,9 @@ import zarr
 from sklearn.datasets import load_digits
 from zarr.core.sync import sync
 
+from lightning_tracetrain.recording.classes import class_spec
 from lightning_tracetrain.recording.layers import layer_parameters, select_layers
-from lightning_tracetrain.recording.recorder import RecorderOptions, StepInfo, TraceRecorder, class_spec
+from lightning_tracetrain.recording.recorder import RecorderOptions, StepInfo, TraceRecorder
 from lightning_tracetrain.recording.staging import DeltaStager
 from lightning_tracetrain.trace.chunks import ChunkEncoder, store_chunks
 from lightning_tracetrain.trace.codecs import make_compressor

@@ -14,7 +14,7 @@ from zarr.core.sync import sync
 
 from lightning_tracetrain.trace.chunks import AppendedRows, ChunkEncoder, store_chunks
 from lightning_tracetrain.trace.codecs import checksummed, make_compressor
-from lightning_tracetrain.trace.writer import _yield_cpu
+from lightning_tracetrain.trace.background import yield_cpu
 
 
 def _array(path: Path, shape: tuple[int, ...], chunks: tuple[int, ...], dtype: str, compressors) -> zarr.Array:
@@ -70,7 +70,7 @@ def test_the_commit_thread_yields_the_cpu_to_training():
     seen = []
 
     def run() -> None:
-        _yield_cpu()
+        yield_cpu()
         seen.append(os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))
 
     thread = threading.Thread(target=run)

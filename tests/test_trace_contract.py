@@ -1,15 +1,17 @@
 """The trace contract: every storage mode on every store keeps the same promises.
 
-For each storage mode (lossless, compact, factored) and store (a local folder,
+For each storage mode (lossless, compact, factored, lowrank) and store (a local folder,
 fsspec's in-memory filesystem, S3 on loopback):
 
 - a run that crashes and is resumed from an older checkpoint continues the trace
   without gap or duplicate;
 - the initial weights plus the stored steps rebuild the weights after every step,
   across the resume (exactly; compact within one step's rounding, and bit for bit
-  the error-feedback replay of the exact deltas, so its carry survived the resume);
-- completeness: ``gamma_0 + sum_t gamma_t = <Z, Z_traced>`` where ``Z_traced`` is the
-  pre-activation with the trace's final weights (``= ||Z||^2`` except for compact).
+  the error-feedback replay of the exact deltas, so its carry survived the resume; lowrank
+  bit for bit the power iterations over the exact deltas, its residual rebuilding the
+  weights at the checkpoint and at the end);
+- completeness: ``gamma_0 + sum_t gamma_t (+ unattributed) = <Z, Z_traced>`` where ``Z_traced``
+  is the pre-activation with the trace's final weights (``= ||Z||^2`` except for compact).
 
 A crash here is an exception in the training loop; killing the process with
 SIGKILL is tested with real processes in test_crash.py (local) and
@@ -40,6 +42,21 @@ from lightning_tracetrain import functional as Fx
 from lightning_tracetrain.explain import Explainer
 
 KEEPBITS = 4
+RANK = 2
+
+
+def assert_lowrank_replays(trace: Trace, exact: Trace, final: dict[str, torch.Tensor]) -> None:
+    """Each stored product is bit for bit one warm-started power iteration over the exact delta (the warm start
+    and the residual survived the resume), and initial + products + stored residual are the final weights."""
+    steps, _ = trace.residual("conv")
+    assert steps == trace.num_steps
+    for layer in trace.spec.lowrank:
+        deltas, stored = exact.deltas(layer)["weight"], trace.read_chunk(layer)[1]
+        q = torch.randn(*Fx.matrix_shape(deltas.shape[1:])[1:], RANK, generator=torch.Generator().manual_seed(20220222))
+        for t, delta in enumerate(deltas):
+            p, q = Fx.power_step(delta.reshape(Fx.matrix_shape(delta.shape)), q)
+            assert torch.equal(stored.p[t], p) and torch.equal(stored.q[t], q), (layer, t)
+        torch.testing.assert_close(trace.final(layer)["weight"], final[f"{layer}.weight"], atol=1e-6, rtol=1e-6)
 
 
 @pytest.fixture(params=["local", "memory", "s3"])
@@ -68,11 +85,12 @@ class _Crash(pl.Callback):
 @pytest.mark.parametrize("mode", list(StorageMode))
 def test_trace_contract(location, mode, tmp_path):
     """Crash at step 13, resume from the checkpoint of step 5, train to 20; then check the whole contract."""
-    reference = tmp_path / "reference"  # compact: a lossless trace of the same steps, to compare with
+    reference = tmp_path / "reference"  # compact, lowrank: a lossless trace of the same steps, to compare with
+    lossy = mode in (StorageMode.compact, StorageMode.lowrank)
 
     def callbacks() -> list[pl.Callback]:
-        traced = [TraceCallback(location(mode), storage=mode, keepbits=KEEPBITS, chunk_steps=4)]
-        return traced + ([TraceCallback(reference, chunk_steps=4)] if mode == StorageMode.compact else [])
+        traced = [TraceCallback(location(mode), storage=mode, keepbits=KEEPBITS, rank=RANK, chunk_steps=4)]
+        return traced + ([TraceCallback(reference, chunk_steps=4)] if lossy else [])
 
     torch.manual_seed(0)
     checkpoints = ModelCheckpoint(tmp_path / "ckpt", filename="{step}", every_n_train_steps=5, save_top_k=-1)
@@ -97,8 +115,11 @@ def test_trace_contract(location, mode, tmp_path):
 
     # the initial weights plus the stored steps rebuild the weights after every step, across the resume
     snapshots = {k: first.states[k] for k in range(6)} | {k: second.states[k] for k in range(5, 21)}
-    if mode != StorageMode.compact:
+    if not lossy:
         assert_matches_snapshots(trace, snapshots)
+    elif mode == StorageMode.lowrank:
+        assert trace.spec.lowrank == ("conv", "fc", "head")  # rank 2: fewer values than each weight
+        assert_lowrank_replays(trace, Trace(reference), snapshots[20])
     else:
         exact, bound = Trace(reference), {}
         for layer in trace.layers:
@@ -123,6 +144,9 @@ def test_trace_contract(location, mode, tmp_path):
         final = trace.final(name)
         expected = torch.stack([(z * Fx.layer_output(modules[name], x, final)).sum() for x, z in seen]).double()
         total = a.init.double() + a.gamma.double().sum(1)
+        if a.unattributed is not None:  # lowrank: the residual's share
+            total = total + a.unattributed.double()
+        assert (a.unattributed is not None) == trace.spec.is_lowrank(name)
         torch.testing.assert_close(total, expected, rtol=1e-5, atol=1e-5 * float(a.z_sq.max()))
         if mode != StorageMode.compact:
             assert float(a.residual.abs().max()) <= 1e-5, name  # Z_traced is Z: the shares add up to ||Z||^2

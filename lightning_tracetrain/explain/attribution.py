@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_tracetrain import functional as Fx
-from lightning_tracetrain.trace import Examples, FactorRows, StepTable
+from lightning_tracetrain.trace import Examples, FactorRows, LowRankFactors, StepTable
 
 
 @dataclass
@@ -30,11 +30,17 @@ class LayerAttribution:
     # factored layers (storage="factored"): each training example row's exact share of gamma, (Q, example rows);
     # the rows of step t (Trace.steps.example_start/stop) sum to gamma[:, t]
     rows: Tensor | None = None
+    # low-rank layers (storage="lowrank"): <G, R>, the share of what the stored products lack (the residual R),
+    # attributed to no step, (Q,); zero for other layers
+    unattributed: Tensor | None = None
 
     @property
     def residual(self) -> Tensor:
-        """Relative completeness residual ``(gamma_0 + sum_t gamma_t - ||Z||^2) / ||Z||^2`` (zero up to rounding)."""
+        """Relative completeness residual ``(gamma_0 + sum_t gamma_t + unattributed - ||Z||^2) / ||Z||^2`` (zero up
+        to rounding)."""
         total = self.init.double() + self.gamma.double().sum(1)
+        if self.unattributed is not None:
+            total = total + self.unattributed.double()
         return (total - self.z_sq.double()) / self.z_sq.double().clamp_min(1e-30)
 
 
@@ -68,7 +74,7 @@ def attribute_chunk(
     layer: nn.Module,
     queries: LayerQueries,
     deltas: dict[str, Tensor],
-    factors: FactorRows | None = None,
+    factors: FactorRows | LowRankFactors | None = None,
     norms: bool = True,
 ) -> dict[str, Tensor]:
     """One chunk of one layer: ``gamma`` ``(Q, T)``; with ``norms`` also ``norm`` and ``cos``; for a factored
@@ -76,10 +82,21 @@ def attribute_chunk(
 
     ``deltas`` are the stored dense deltas; a factored weight comes as ``factors`` and is never rebuilt:
     its gamma is the sum of its rows' shares, its norms come from the rows (:func:`~lightning_tracetrain.
-    functional.factored_norms`) and its summed change is ``outputs^T inputs``.
+    functional.factored_norms`) and its summed change is ``outputs^T inputs``. A low-rank weight comes as its
+    products' factors: gamma is ``<P_t, G Q_t>`` (:func:`~lightning_tracetrain.functional.lowrank_gammas`);
+    only the norms rebuild its steps.
     """
     out: dict[str, Tensor] = {f"sum/{p}": d.double().sum(0) for p, d in deltas.items()}
-    if factors is None:
+    if isinstance(factors, LowRankFactors):
+        p, q = factors.p, factors.q
+        gamma = Fx.lowrank_gammas(p, q, queries.grads["weight"])
+        if "bias" in deltas:
+            gamma = gamma + Fx.step_gammas({"bias": deltas["bias"]}, queries.grads).T
+        out["sum/weight"] = Fx.lowrank_sum(p, q, factors.shape)
+        if norms:
+            dense = {"weight": Fx.lowrank_deltas(p, q, factors.shape), **deltas}
+            out["norm"] = Fx.contribution_norms(layer, queries.xs, dense)
+    elif factors is None:
         gamma = Fx.step_gammas(deltas, queries.grads).T
         if norms:
             out["norm"] = Fx.contribution_norms(layer, queries.xs, deltas)

@@ -91,6 +91,7 @@ class Explainer(pl.LightningModule):
         self._queries: dict[str, LayerQueries] = {}
         self._out: dict[str, dict[str, Tensor]] = {}
         self._covered = torch.zeros(0)
+        self._unattributed: dict[str, Tensor] = {}  # low-rank layers: <G, R> per query, set by the weight check
         self.global_rank_ = 0  # the process's rank in the last pass (0 on one device)
 
     @classmethod
@@ -180,6 +181,7 @@ class Explainer(pl.LightningModule):
         self._queries = {n: q.to(self.device) for n, q in self._queries.items()}
         self._out = {n: {k: v.to(self.device).zero_() for k, v in o.items()} for n, o in self._out.items()}
         self._covered = self._covered.to(self.device).zero_()
+        self._unattributed = {}
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int = 0) -> None:
         start, stop = batch["start"], batch["stop"]
@@ -218,7 +220,10 @@ class Explainer(pl.LightningModule):
         """The model's layers must hold ``initial + sum of the first stop deltas`` (summed during the pass).
 
         A compact trace sums to them within one step's rounding (error feedback): the tolerance
-        grows by ``2**-keepbits`` of the largest total change of the parameter. A mismatch is told
+        grows by ``2**-keepbits`` of the largest total change of the parameter. A low-rank weight's
+        products lack a residual ``R``: it is what the model holds beyond them, its share ``<G, R>`` is
+        reported as unattributed, and it is checked against the residual the run stored with the
+        checkpoint when the trace has it (the bias, stored exactly, is always checked). A mismatch is told
         apart: non-finite weights mean the run diverged (the trace knows at which step); others, that
         the checkpoint and the trace come from different runs. (Damaged chunks fail their checksums
         while the pass reads them.)
@@ -231,6 +236,10 @@ class Explainer(pl.LightningModule):
                 actual = getattr(module, param).detach().float().cpu()
                 if not (torch.isfinite(actual).all() and torch.isfinite(traced).all()):
                     raise TraceDivergedError(self._diverged(f"{name}.{param}"))
+                if param == "weight" and self.trace.spec.is_lowrank(name):
+                    traced = self._unattributed_share(name, w0.double() + change, actual)
+                    if traced is None:
+                        continue
                 atol = 1e-5 + (0.0 if keepbits is None else 2.0**-keepbits * float(change.abs().max()))
                 if not torch.allclose(actual, traced, rtol=1e-4, atol=atol):
                     raise TraceMismatchError(
@@ -238,6 +247,15 @@ class Explainer(pl.LightningModule):
                         f"{self.stop} steps: the checkpoint and the trace are from different models or runs."
                         f"{saved_checkpoints(self.trace) or ' Use the checkpoint saved by the traced run.'}"
                     )
+
+    def _unattributed_share(self, name: str, traced: Tensor, actual: Tensor) -> Tensor | None:
+        """Keep ``<G, R>`` for a low-rank weight (``R``: the model's weight minus the stored products); return the
+        traced weight with the stored residual to check against, or None when the trace has none for ``stop``."""
+        grads = self._queries[name].grads["weight"]
+        residual = (actual.double() - traced).to(grads.device)
+        self._unattributed[name] = (grads.double() * residual[None]).flatten(1).sum(1).float()
+        steps, stored = self.trace.residual(name)
+        return (traced + stored["weight"].double()).float() if steps == self.stop else None
 
     def _diverged(self, param: str) -> str:
         steps = self.trace.steps
@@ -296,8 +314,9 @@ class Explainer(pl.LightningModule):
             z_sq = torch.stack([z.pow(2).sum() for z in queries.zs])
             o = self._out[name]
             rows = o["rows"].cpu() if "rows" in o else None
+            unattributed = self._unattributed[name].cpu() if name in self._unattributed else None
             out[name] = LayerAttribution(
-                o["gamma"].cpu(), o["cos"].cpu(), o["norm"].cpu(), init.cpu(), z_sq.cpu(), rows
+                o["gamma"].cpu(), o["cos"].cpu(), o["norm"].cpu(), init.cpu(), z_sq.cpu(), rows, unattributed
             )
         return out
 

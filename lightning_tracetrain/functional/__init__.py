@@ -3,6 +3,7 @@
 One module per concept of the paper (docs/method.md derives each formula):
 
 - :mod:`~lightning_tracetrain.functional.delta`: a step's weight change ``D_t`` and the sums it forms;
+- :mod:`~lightning_tracetrain.functional.lowrank`: a step stored as a rank-r product ``P_t Q_t^T``;
 - :mod:`~lightning_tracetrain.functional.gamma`: a step's share of a pre-activation (eq. 6, 7);
 - :mod:`~lightning_tracetrain.functional.norms`: contribution norms ``||H D_t^T + d_t||``;
 - :mod:`~lightning_tracetrain.functional.ghost`: ghost-sample batch norm (Algorithm 2, corrected);
@@ -35,6 +36,14 @@ from lightning_tracetrain.functional.gamma import (
     step_sums,
 )
 from lightning_tracetrain.functional.ghost import ghost_moments, real_cross_entropy
+from lightning_tracetrain.functional.lowrank import (
+    lowrank_deltas,
+    lowrank_gammas,
+    lowrank_pays,
+    lowrank_sum,
+    matrix_shape,
+    power_step,
+)
 from lightning_tracetrain.functional.norms import contribution_norms, factored_norms, gram_norms, input_rows
 
 __all__ = [
@@ -49,7 +58,13 @@ __all__ = [
     "gram_norms",
     "input_rows",
     "layer_output",
+    "lowrank_deltas",
+    "lowrank_gammas",
+    "lowrank_pays",
+    "lowrank_sum",
+    "matrix_shape",
     "padded_steps",
+    "power_step",
     "predicted_class_share",
     "query_gradient",
     "real_cross_entropy",

@@ -15,9 +15,10 @@ from torch import Tensor
 from typing_extensions import override
 
 from lightning_tracetrain.batch import batch_ghost, batch_index, batch_labels
+from lightning_tracetrain.recording.classes import class_spec
 from lightning_tracetrain.recording.factored import check_plain_sgd
 from lightning_tracetrain.recording.layers import layer_parameters, select_layers
-from lightning_tracetrain.recording.recorder import RecorderOptions, StepInfo, TraceRecorder, class_spec
+from lightning_tracetrain.recording.recorder import RecorderOptions, StepInfo, TraceRecorder
 from lightning_tracetrain.recording.space import space_warning
 from lightning_tracetrain.trace.codecs import Compressor, make_compressor
 from lightning_tracetrain.trace.schema import StorageMode
@@ -56,7 +57,16 @@ class TraceCallback(Callback):
             per-example factors (its input rows and ``-lr`` times its output gradients), which the explainer
             splits over each step's examples exactly; other layers as lossless deltas. The first step of
             every run is checked against the actual weight change; runs whose steps do not factor are refused.
+            ``"lowrank"`` (any optimizer): the weight change of every conv/linear layer whose factors are smaller
+            is stored as a rank-``rank`` product ``P_t Q_t^T`` (one warm-started power iteration per step, as
+            PowerSGD does, on the training device); biases and small layers stay lossless. What the products
+            miss is kept as a residual, written with every checkpoint and at the end, so the decomposition and
+            its completeness stay exact: the residual is reported as an unattributed share.
         keepbits: Mantissa bits kept by ``storage="compact"`` (float32 has 23; default 4).
+        rank: The rank of each step's product under ``storage="lowrank"`` (default 4).
+        feedback: ``storage="lowrank"``: add each step's residual to the next step before factoring it
+            (error feedback). The residual then stays about one step's error, but part of a step's change is
+            attributed to the next steps, possibly of another class; off by default (docs/method.md).
         chunk_steps: Steps per stored chunk; by default about 32 MiB of deltas (at most 256 steps).
         overwrite: Replace a trace already at ``dirpath`` instead of failing.
         storage_options: Options of the fsspec filesystem of a URL ``dirpath`` (for S3: ``endpoint_url``,
@@ -85,6 +95,8 @@ class TraceCallback(Callback):
         compressor: Compressor = "auto",
         storage: StorageMode = StorageMode.lossless,
         keepbits: int = 4,
+        rank: int = 4,
+        feedback: bool = False,
         chunk_steps: int | None = None,
         overwrite: bool = False,
         max_pending_steps: int = 8,
@@ -99,12 +111,14 @@ class TraceCallback(Callback):
             raise ValueError(f"Unknown storage {storage!r}: use one of {', '.join(map(repr, map(str, StorageMode)))}.")
         if not 0 <= keepbits <= 23:
             raise ValueError(f"keepbits must be between 0 and 23 (float32 mantissa bits), got {keepbits}.")
+        if rank < 1:
+            raise ValueError(f"rank must be at least 1, got {rank}.")
         make_compressor(compressor, StorageMode(storage))  # an unknown name fails here, not when training starts
         self.dirpath = str(dirpath)
         self.layers = layers
         self.options = RecorderOptions(
-            self.dirpath, StorageMode(storage), keepbits, compressor, chunk_steps, overwrite, max_pending_steps,
-            commit_every_s, storage_options,
+            self.dirpath, StorageMode(storage), keepbits, rank, feedback, compressor, chunk_steps, overwrite,
+            max_pending_steps, commit_every_s, storage_options,
         )  # fmt: skip
         self._recorder: TraceRecorder | None = None
         self._resume: ResumeState | None = None  # from the checkpoint being resumed

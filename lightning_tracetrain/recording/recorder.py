@@ -9,7 +9,6 @@ nothing behind, and ``storage="factored"`` knows its layers when it creates it.
 
 from __future__ import annotations
 
-import json
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -19,14 +18,17 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from lightning_tracetrain import functional as Fx
 from lightning_tracetrain.exceptions import TraceBusyError
 from lightning_tracetrain.functional import weight_deltas
+from lightning_tracetrain.recording.classes import class_path
 from lightning_tracetrain.recording.factored import FactoredSteps, param_group, to_numpy
 from lightning_tracetrain.recording.layers import layer_parameters
+from lightning_tracetrain.recording.lowrank import LowRankSteps, choose_lowrank
 from lightning_tracetrain.recording.staging import DeltaStager
 from lightning_tracetrain.trace.codecs import Compressor, make_compressor
 from lightning_tracetrain.trace.lease import Lease
-from lightning_tracetrain.trace.records import StepRecord
+from lightning_tracetrain.trace.records import PendingExamples, StepRecord
 from lightning_tracetrain.trace.schema import ClassSpec, LayerSpec, StorageMode, TraceSpec
 from lightning_tracetrain.trace.store import ResumeState, check_new, create, open_to_resume
 from lightning_tracetrain.trace.writer import TraceWriter
@@ -43,6 +45,8 @@ class RecorderOptions:
     dirpath: str
     storage: StorageMode = StorageMode.lossless
     keepbits: int = 4
+    rank: int = 4
+    feedback: bool = False
     compressor: Compressor = "auto"
     chunk_steps: int | None = None
     overwrite: bool = False
@@ -84,10 +88,11 @@ class TraceRecorder:
         self._stager: DeltaStager | None = None
         self._device = torch.device("cpu")
         self._factored: FactoredSteps | None = None
+        self._lowrank: LowRankSteps | None = None
         self._resume: ResumeState | None = None
         self._lease: Lease | None = None
         self._warned_nonfinite = False
-        self._examples = _PendingExamples()
+        self._examples = PendingExamples()
 
     # ------------------------------------------------------------------ life cycle
 
@@ -104,6 +109,11 @@ class TraceRecorder:
         opts = self.options
         named = {(name, p): t for name, m in layers.items() for p, t in layer_parameters(m).items()}
         mode = StorageMode(opts.storage)
+        lowrank = (
+            ()
+            if mode != StorageMode.lowrank
+            else choose_lowrank({name: m.weight.shape for name, m in layers.items()}, opts.rank)
+        )
         spec = TraceSpec(
             layers=tuple(
                 LayerSpec(name, class_path(m), {p: tuple(t.shape) for p, t in layer_parameters(m).items()})
@@ -114,10 +124,13 @@ class TraceRecorder:
             lr_columns=tuple(
                 f"optimizer{i}/group{j}" for i, o in enumerate(optimizers) for j in range(len(o.param_groups))
             ),
-            chunk_steps=opts.chunk_steps or _default_chunk_steps(named.values()),
+            chunk_steps=opts.chunk_steps or _default_chunk_steps(_step_values(named, lowrank, opts.rank)),
             compressor=None if (c := make_compressor(opts.compressor, mode)) is None else c.to_dict(),
             mode=mode,
             keepbits=opts.keepbits if mode == StorageMode.compact else None,
+            rank=opts.rank if mode == StorageMode.lowrank else None,
+            feedback=opts.feedback if mode == StorageMode.lowrank else False,
+            lowrank=lowrank,
         )
         self._params = named
         self._prev = {k: t.detach().float().clone() for k, t in named.items()}
@@ -135,7 +148,16 @@ class TraceRecorder:
             self._lease.release()
             raise
         self._spec = spec
-        self._stage(list(named))
+        self._stage(spec.dense_params() if mode == StorageMode.lowrank else list(named))
+        if spec.lowrank:
+            assert spec.rank is not None
+            self._lowrank = LowRankSteps(
+                {n: self._params[(n, "weight")] for n in spec.lowrank},
+                {n: self._prev[(n, "weight")] for n in spec.lowrank},
+                spec.rank,
+                spec.feedback,
+                carry=None if resume is None else resume.carry,
+            )
         if mode == StorageMode.factored:
             linear = {n: m for n, m in layers.items() if isinstance(m, nn.Linear)}
             groups = {n: g[1] for n, m in linear.items() if (g := param_group(optimizers, m.weight)) is not None}
@@ -159,9 +181,9 @@ class TraceRecorder:
         try:
             if writer is not None:
                 try:
-                    writer.close(raise_errors=raise_errors)
+                    writer.close(raise_errors=raise_errors, residual=self._residuals())
                 finally:
-                    self._resume = ResumeState(writer.run_id, writer.committed, writer.carry)
+                    self._resume = ResumeState(writer.run_id, writer.committed, self._carry(writer))
                 self._warn_nonfinite(writer)  # a run that diverged in its last steps
         finally:
             if self._lease is not None:
@@ -190,7 +212,7 @@ class TraceRecorder:
             factors = to_numpy(taken)
         writer = self._writer or self._create()
         assert self._stager is not None
-        staged = self._stager.stage(self._after, self._before)
+        staged = self._stager.stage(self._after, self._before, () if self._lowrank is None else self._lowrank.step())
         with torch.no_grad():
             torch._foreach_copy_(self._before, self._after)
         writer.put(StepRecord(**vars(info), index=index, ghost=ghost, label=label, deltas=staged, factors=factors))
@@ -211,8 +233,8 @@ class TraceRecorder:
         """Commit every queued step; returns what a checkpoint needs to resume this trace (None: no step yet)."""
         if self._writer is None:
             return self._resume
-        self._writer.flush()
-        return ResumeState(self._writer.run_id, self._writer.committed, self._writer.carry)
+        self._writer.flush(residual=self._residuals())
+        return ResumeState(self._writer.run_id, self._writer.committed, self._carry(self._writer))
 
     def note_checkpoint(self, path: str, global_step: int) -> None:
         """The run saved a checkpoint holding its first ``global_step`` steps at ``path`` (kept in the trace)."""
@@ -245,6 +267,14 @@ class TraceRecorder:
                 stacklevel=5,
             )
 
+    def _residuals(self) -> dict[str, np.ndarray] | None:
+        """``storage="lowrank"``: each low-rank weight's residual as of the last queued step (None otherwise)."""
+        return None if self._lowrank is None else self._lowrank.residuals()
+
+    def _carry(self, writer: TraceWriter) -> np.ndarray | None:
+        """What a checkpoint keeps to continue the trace's error bookkeeping (compact's carry, lowrank's residual)."""
+        return self._lowrank.carry() if self._lowrank is not None else writer.carry
+
     def _stage(self, keys: list[Param]) -> None:
         """Store these parameters as deltas from now on (``_prev`` keeps every parameter's last value)."""
         self._staged = keys
@@ -254,6 +284,8 @@ class TraceRecorder:
     def _make_stager(self) -> DeltaStager:
         """Staging buffers for the staged deltas, enough for every step that may wait for the writer."""
         shapes = [self._params[k].shape for k in self._staged]
+        if self._lowrank is not None:
+            shapes += self._lowrank.shapes()
         return DeltaStager(shapes, self._device, self.options.max_pending_steps + 2)
 
     def _create(self) -> TraceWriter:
@@ -280,64 +312,16 @@ class TraceRecorder:
         return self._writer
 
 
-class _PendingExamples:
-    """The example rows of the batches seen since the last step (all batches of an accumulation window)."""
-
-    def __init__(self) -> None:
-        self._pending: list[tuple[np.ndarray, np.ndarray | None, np.ndarray]] = []
-        self._last: tuple[np.ndarray, np.ndarray | None, np.ndarray] = (np.zeros(0, np.int64), None, np.zeros(0, bool))
-
-    def add(self, index: np.ndarray, label: np.ndarray | None, ghost: np.ndarray) -> None:
-        self._pending.append((index, label, ghost))
-
-    def take(self) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
-        """Merge the pending batches; a second step within the same batch (manual optimization) gets the same."""
-        if len(self._pending) == 1:  # the usual case: one batch, one step
-            self._last = self._pending[0]
-        elif self._pending:  # gradient accumulation: the step was produced by several batches
-            labels = [p[1] for p in self._pending]
-            label = None if any(lab is None for lab in labels) else np.concatenate(labels)  # type: ignore[arg-type]
-            self._last = (
-                np.concatenate([p[0] for p in self._pending]),
-                label,
-                np.concatenate([p[2] for p in self._pending]),
-            )
-        self._pending = []
-        return self._last
+def _step_values(named: Mapping[Param, Tensor], lowrank: Sequence[str], rank: int) -> int:
+    """float32 values one step stores: every parameter's delta, or a low-rank weight's two factors."""
+    total = 0
+    for (layer, param), t in named.items():
+        if param == "weight" and layer in lowrank:
+            total += rank * sum(Fx.matrix_shape(t.shape))
+        else:
+            total += t.numel()
+    return total
 
 
-def class_path(obj: Any) -> str:
-    """``module.QualName`` of a class or of an object's class."""
-    cls = obj if isinstance(obj, type) else type(obj)
-    return f"{cls.__module__}.{cls.__qualname__}"
-
-
-def class_spec(obj: Any) -> ClassSpec:
-    """Import path and JSON-safe hyperparameters (``save_hyperparameters``) of a module or datamodule."""
-    path = class_path(obj)
-    where = "inside a function" if "<locals>" in path else "in the script being run (__main__)"
-    if "<locals>" in path or path.startswith("__main__."):
-        warnings.warn(
-            f"{path} is defined {where}, so tools cannot import it to rebuild the model from the trace "
-            "(python -m lightning_tracetrain explain); move it into a module at its top level and import it.",
-            stacklevel=3,
-        )
-    # LightningCLI adds private entries such as _class_path and _instantiator: not init arguments
-    hparams = {k: v for k, v in dict(getattr(obj, "hparams", {}) or {}).items() if not k.startswith("_")}
-    safe: dict[str, Any] = {}
-    for key, value in hparams.items():
-        try:
-            safe[key] = json.loads(json.dumps(value))
-        except (TypeError, ValueError):
-            warnings.warn(
-                f"Hyperparameter {key!r} of {type(obj).__name__} is not JSON-serializable and is stored as its repr; "
-                "tools that rebuild the model from the trace alone will need it passed explicitly.",
-                stacklevel=3,
-            )
-            safe[key] = repr(value)
-    return ClassSpec(path, safe)
-
-
-def _default_chunk_steps(params: Any) -> int:
-    step_bytes = sum(t.numel() for t in params) * 4
-    return int(max(1, min(256, _CHUNK_BYTES // max(1, step_bytes))))
+def _default_chunk_steps(values: int) -> int:
+    return int(max(1, min(256, _CHUNK_BYTES // max(1, 4 * values))))

@@ -67,15 +67,19 @@ class DeltaStager:
     def _views(self, flat: Tensor) -> list[Tensor]:
         return [v.view(s) for v, s in zip(torch.split(flat, self._numels), self._shapes, strict=True)]
 
-    def stage(self, after: Sequence[Tensor], before: Sequence[Tensor]) -> StagedDeltas:
-        """``after - before`` for every parameter (see :func:`~lightning_tracetrain.functional.weight_deltas`)."""
+    def stage(self, after: Sequence[Tensor], before: Sequence[Tensor], extra: Sequence[Tensor] = ()) -> StagedDeltas:
+        """``after - before`` for every parameter (see :func:`~lightning_tracetrain.functional.weight_deltas`),
+        followed by ``extra`` tensors already computed (the low-rank factors), in the order of the shapes."""
         slot = self._free.get()
         host, views = slot
         event = None
-        if self._device is None:
-            weight_deltas(after, before, out=views)
-        else:
-            weight_deltas(after, before, out=self._device[1])
+        n = len(after)
+        target = views if self._device is None else self._device[1]
+        if n:
+            weight_deltas(after, before, out=target[:n])
+        if extra:
+            torch._foreach_copy_(target[n:], list(extra))
+        if self._device is not None:
             host.copy_(self._device[0], non_blocking=self._cuda)  # stream-ordered before the next step's deltas
             if self._cuda:
                 event = torch.cuda.Event()

@@ -9,7 +9,7 @@
 
 from lightning_tracetrain.trace.reader import Trace
 from lightning_tracetrain.trace.schema import FORMAT_VERSION, ClassSpec, LayerSpec, StorageMode, TraceSpec
-from lightning_tracetrain.trace.tables import Examples, FactorRows, StepTable
+from lightning_tracetrain.trace.tables import Examples, FactorRows, LowRankFactors, StepTable
 
 __all__ = [
     "FORMAT_VERSION",
@@ -17,6 +17,7 @@ __all__ = [
     "Examples",
     "FactorRows",
     "LayerSpec",
+    "LowRankFactors",
     "StepTable",
     "StorageMode",
     "Trace",

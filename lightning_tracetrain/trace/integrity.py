@@ -12,12 +12,17 @@ from __future__ import annotations
 import itertools
 import json
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import zarr
 
 from lightning_tracetrain.exceptions import TraceCorruptError
+from lightning_tracetrain.trace import schema
+from lightning_tracetrain.trace.store import optional_array
+
+if TYPE_CHECKING:
+    from lightning_tracetrain.trace.reader import Trace
 
 # what zarr raises for a damaged chunk or metadata document: a checksum mismatch (ValueError), a compressor
 # that cannot decode (RuntimeError), a JSON document that does not parse (JSONDecodeError, UnicodeDecodeError)
@@ -92,3 +97,43 @@ def _advice(trace: str) -> str:
 def _reason(exc: BaseException) -> str:
     text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
     return "its checksum does not match" if "checksum" in text else f"{type(exc).__name__}: {text[:120]}"
+
+
+def check_counters(trace: Trace) -> None:
+    """The committed counters of an opened trace must describe data that exists: else ``trace._corrupt`` names
+    the field (a TraceCorruptError)."""
+    attrs = trace.attrs
+    for field in ("steps_committed", "examples_committed"):
+        value = attrs.get(field, 0)
+        if type(value) is not int or value < 0:
+            trace._corrupt(f"its counter {field} is {value!r}, not a non-negative integer")
+    steps, examples = int(attrs["steps_committed"]), int(attrs.get("examples_committed", 0))
+    optional = {schema.example_path("label")}  # labels are created with the first labelled rows
+    if attrs["format_version"] == 1:
+        optional |= {schema.step_path(name) for name in schema.NEW_IN_VERSION_2}
+    for path in trace.spec.step_axis_paths():
+        try:
+            array = optional_array(trace._group, path)
+        except DECODE_ERRORS:
+            array = trace._array(path)  # raises the TraceCorruptError that names it
+        if array is None:
+            if path not in optional:
+                trace._corrupt(f"its array {path} is missing")
+            continue
+        trace._arrays[path] = array
+        rows, what = (examples, "example rows") if schema.is_example_axis(path) else (steps, "steps")
+        if array.shape[0] < rows:
+            trace._corrupt(f"{path} holds {array.shape[0]} rows, fewer than the {rows} committed {what}")
+    table = trace.steps
+    if len(table.example_stop) and (np.diff(table.example_stop, prepend=0) < 0).any():
+        trace._corrupt("steps/example_stop decreases, so steps would own negative numbers of example rows")
+    if steps and int(table.example_stop[-1]) != examples:
+        trace._corrupt(
+            f"steps/example_stop ends at row {int(table.example_stop[-1])}, but examples_committed is {examples}"
+        )
+    if steps > 1 and (np.diff(table.global_step) != 1).any():
+        first = int(np.flatnonzero(np.diff(table.global_step) != 1)[0])
+        trace._corrupt(
+            f"steps/global_step jumps from {int(table.global_step[first])} to {int(table.global_step[first + 1])} "
+            f"after committed step {first}, but every optimizer step is recorded"
+        )

@@ -18,7 +18,7 @@ from lightning_tracetrain.trace.integrity import DECODE_ERRORS
 from lightning_tracetrain.trace.schema import ClassSpec, LayerSpec, StorageMode, TraceSpec
 from lightning_tracetrain.trace.store import check_location, open_group, optional_array
 from lightning_tracetrain.trace.summary import stored_bytes, summary
-from lightning_tracetrain.trace.tables import Examples, FactorRows, StepTable
+from lightning_tracetrain.trace.tables import Examples, FactorRows, LowRankFactors, StepTable
 from lightning_tracetrain.trace.verify import Verification, verify
 
 
@@ -72,41 +72,7 @@ class Trace:
 
     def _validate(self) -> None:
         """The committed counters must describe data that exists: else a TraceCorruptError naming the field."""
-        attrs = self.attrs
-        for field in ("steps_committed", "examples_committed"):
-            value = attrs.get(field, 0)
-            if type(value) is not int or value < 0:
-                self._corrupt(f"its counter {field} is {value!r}, not a non-negative integer")
-        steps, examples = int(attrs["steps_committed"]), int(attrs.get("examples_committed", 0))
-        optional = {schema.example_path("label")}  # labels are created with the first labelled rows
-        if attrs["format_version"] == 1:
-            optional |= {schema.step_path(name) for name in schema.NEW_IN_VERSION_2}
-        for path in self.spec.step_axis_paths():
-            try:
-                array = optional_array(self._group, path)
-            except DECODE_ERRORS:
-                array = self._array(path)  # raises the TraceCorruptError that names it
-            if array is None:
-                if path not in optional:
-                    self._corrupt(f"its array {path} is missing")
-                continue
-            self._arrays[path] = array
-            rows, what = (examples, "example rows") if schema.is_example_axis(path) else (steps, "steps")
-            if array.shape[0] < rows:
-                self._corrupt(f"{path} holds {array.shape[0]} rows, fewer than the {rows} committed {what}")
-        table = self.steps
-        if len(table.example_stop) and (np.diff(table.example_stop, prepend=0) < 0).any():
-            self._corrupt("steps/example_stop decreases, so steps would own negative numbers of example rows")
-        if steps and int(table.example_stop[-1]) != examples:
-            self._corrupt(
-                f"steps/example_stop ends at row {int(table.example_stop[-1])}, but examples_committed is {examples}"
-            )
-        if steps > 1 and (np.diff(table.global_step) != 1).any():
-            first = int(np.flatnonzero(np.diff(table.global_step) != 1)[0])
-            self._corrupt(
-                f"steps/global_step jumps from {int(table.global_step[first])} to {int(table.global_step[first + 1])} "
-                f"after committed step {first}, but every optimizer step is recorded"
-            )
+        integrity.check_counters(self)
 
     def _corrupt(self, what: str) -> None:
         raise TraceCorruptError(
@@ -164,7 +130,8 @@ class Trace:
 
     @property
     def storage(self) -> StorageMode:
-        """``"lossless"``, ``"compact"`` (deltas rounded to ``spec.keepbits`` mantissa bits) or ``"factored"``."""
+        """``"lossless"``, ``"compact"`` (deltas rounded to ``spec.keepbits`` mantissa bits), ``"factored"`` or
+        ``"lowrank"``."""
         return self.spec.mode
 
     # ---- weights
@@ -176,26 +143,49 @@ class Trace:
     def deltas(self, layer: str, start: int = 0, stop: int | None = None) -> dict[str, Tensor]:
         """Per-step changes of the layer's parameters for steps ``[start, stop)``, stacked on axis 0.
 
-        A factored layer's weight changes are rebuilt from its per-example factors.
+        A factored layer's weight changes are rebuilt from its per-example factors, a low-rank
+        layer's from its products (without the residual, :meth:`residual`).
         """
-        deltas, rows = self.read_chunk(layer, start, stop)
-        if rows is None:
+        deltas, factors = self.read_chunk(layer, start, stop)
+        if isinstance(factors, LowRankFactors):
+            return {"weight": Fx.lowrank_deltas(factors.p, factors.q, factors.shape), **deltas}
+        if factors is None:
             return deltas
-        return {"weight": Fx.factored_deltas(rows.inputs, rows.outputs, rows.counts.tolist()), **deltas}
+        return {"weight": Fx.factored_deltas(factors.inputs, factors.outputs, factors.counts.tolist()), **deltas}
 
     def read_chunk(
         self, layer: str, start: int = 0, stop: int | None = None
-    ) -> tuple[dict[str, Tensor], FactorRows | None]:
+    ) -> tuple[dict[str, Tensor], FactorRows | LowRankFactors | None]:
         """What is stored for steps ``[start, stop)``: the dense deltas and, for a factored layer, its factor
-        rows (its weight's deltas are then absent from the first; nothing is rebuilt)."""
+        rows, for a low-rank layer its products' factors (its weight's deltas are then absent from the first;
+        nothing is rebuilt)."""
         start, stop = self._bounds(start, stop)
-        factored = self.spec.is_factored(self.layer(layer).name)
+        name = self.layer(layer).name
+        factored, lowrank = self.spec.is_factored(name), self.spec.is_lowrank(name)
         deltas = {
             p: self._read(schema.delta_path(layer, p), slice(start, stop))
             for p in self.layer(layer).params
-            if not (factored and p == "weight")
+            if not ((factored or lowrank) and p == "weight")
         }
+        if lowrank:
+            p, q = (self._read(schema.lowrank_path(layer, s), slice(start, stop)) for s in ("out", "in"))
+            return deltas, LowRankFactors(p, q, self.layer(layer).params["weight"])
         return deltas, (self.factors(layer, start, stop) if factored else None)
+
+    def residual(self, layer: str) -> tuple[int, dict[str, Tensor]]:
+        """``storage="lowrank"``: what the stored steps of a layer lack after the returned number of steps.
+
+        The layer's weights after that many steps are ``initial + sum of deltas + residual`` exactly;
+        the number is the last commit the run wrote the residual with (a checkpoint, or the end of
+        the run), -1 when there is none (a run killed before). Other layers and storage modes lack
+        nothing: ``(num_steps, {})``.
+        """
+        if not self.spec.is_lowrank(self.layer(layer).name):
+            return self.num_steps, {}
+        where = self.attrs.get("residual") or {}
+        if not where or where["steps"] > self.num_steps:
+            return -1, {}
+        return int(where["steps"]), {"weight": self._read(schema.residual_path(layer), int(where["slot"]))}
 
     def factors(self, layer: str, start: int = 0, stop: int | None = None) -> FactorRows:
         """A factored layer's per-example factors for steps ``[start, stop)`` (``storage="factored"``)."""
@@ -226,8 +216,15 @@ class Trace:
             yield self.deltas(layer, first, last)
 
     def final(self, layer: str) -> dict[str, Tensor]:
-        """The layer's parameters after the last committed step: initial + sum of deltas."""
-        return self._weights(layer, self.num_steps)
+        """The layer's parameters after the last committed step: initial + sum of deltas (+ the residual of a
+        low-rank layer, when the run wrote it after its last step)."""
+        weights = self._weights(layer, self.num_steps)
+        steps, residual = self.residual(layer)
+        if steps == self.num_steps:
+            weights = {
+                p: (w.double() + residual[p].double()).float() if p in residual else w for p, w in weights.items()
+            }
+        return weights
 
     def weights_at(self, step: int) -> dict[str, dict[str, Tensor]]:
         """Every traced layer's parameters after ``step`` recorded steps (0: the initial weights)."""

@@ -80,3 +80,29 @@ def step_label(record: StepRecord) -> int:
         return -1
     real = np.unique(record.label[~record.ghost])
     return int(real[0]) if len(real) == 1 else -1
+
+
+class PendingExamples:
+    """The example rows of the batches seen since the last step (all batches of an accumulation window)."""
+
+    def __init__(self) -> None:
+        self._pending: list[tuple[np.ndarray, np.ndarray | None, np.ndarray]] = []
+        self._last: tuple[np.ndarray, np.ndarray | None, np.ndarray] = (np.zeros(0, np.int64), None, np.zeros(0, bool))
+
+    def add(self, index: np.ndarray, label: np.ndarray | None, ghost: np.ndarray) -> None:
+        self._pending.append((index, label, ghost))
+
+    def take(self) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
+        """Merge the pending batches; a second step within the same batch (manual optimization) gets the same."""
+        if len(self._pending) == 1:  # the usual case: one batch, one step
+            self._last = self._pending[0]
+        elif self._pending:  # gradient accumulation: the step was produced by several batches
+            labels = [p[1] for p in self._pending]
+            label = None if any(lab is None for lab in labels) else np.concatenate(labels)  # type: ignore[arg-type]
+            self._last = (
+                np.concatenate([p[0] for p in self._pending]),
+                label,
+                np.concatenate([p[2] for p in self._pending]),
+            )
+        self._pending = []
+        return self._last

@@ -42,6 +42,7 @@ class StorageMode(enum.StrEnum):
     lossless = "lossless"  # float32 deltas, exactly
     compact = "compact"  # deltas rounded to ``keepbits`` mantissa bits, with error feedback
     factored = "factored"  # plain SGD: Linear layers as per-example factors where smaller, the rest lossless
+    lowrank = "lowrank"  # weights as rank-r products P_t Q_t^T where smaller, the rest lossless; residual kept
 
 
 def delta_path(layer: str, param: str) -> str:
@@ -57,6 +58,26 @@ def factor_path(layer: str, side: str) -> str:
     weight change is the sum of ``out_r in_r^T`` over its rows.
     """
     return f"layers/{layer}/factor/{side}"
+
+
+def lowrank_path(layer: str, side: str) -> str:
+    """``storage="lowrank"``: a layer's per-step factors on the step axis.
+
+    ``side="out"``: ``P_t``, ``(steps, out_channels, rank)``; ``side="in"``: ``Q_t``,
+    ``(steps, in_channels * kernel size, rank)``. Step ``t`` changed the weight, viewed as
+    ``(out, in * kernel)``, by ``P_t Q_t^T`` (up to the residual, :func:`residual_path`).
+    """
+    return f"layers/{layer}/lowrank/{side}"
+
+
+def residual_path(layer: str) -> str:
+    """``storage="lowrank"``: what the stored products of a layer's weight lack, ``(2, *weight.shape)``.
+
+    The weight after ``n`` steps is ``initial + sum_t P_t Q_t^T + residual``; two slots alternate
+    and the root attribute ``residual`` (``{"steps": n, "slot": k}``) names the valid one, so a
+    crash while one is written leaves the other.
+    """
+    return f"layers/{layer}/residual/weight"
 
 
 def factor_chunk(width: int) -> int:
@@ -126,12 +147,21 @@ class TraceSpec:
     mode: StorageMode = StorageMode.lossless
     keepbits: int | None = None  # compact: mantissa bits kept
     factored: tuple[str, ...] = ()  # factored: the layers whose weight is stored as per-example factors
+    rank: int | None = None  # lowrank: the rank of each step's product
+    feedback: bool = False  # lowrank: each step's residual is carried into the next step (error feedback)
+    lowrank: tuple[str, ...] = ()  # lowrank: the layers whose weight is stored as rank-r products
 
     def is_factored(self, layer: str) -> bool:
         return layer in self.factored
 
+    def is_lowrank(self, layer: str) -> bool:
+        return layer in self.lowrank
+
     def with_factored(self, layers: tuple[str, ...]) -> TraceSpec:
         return replace(self, factored=tuple(layers))
+
+    def with_lowrank(self, layers: tuple[str, ...]) -> TraceSpec:
+        return replace(self, lowrank=tuple(layers))
 
     def dense_params(self) -> list[tuple[str, str]]:
         """``(layer, param)`` of every parameter stored as per-step deltas, in layer order."""
@@ -139,13 +169,21 @@ class TraceSpec:
             (lay.name, p)
             for lay in self.layers
             for p in lay.params
-            if not (p == "weight" and self.is_factored(lay.name))
+            if not (p == "weight" and (self.is_factored(lay.name) or self.is_lowrank(lay.name)))
+        ]
+
+    def step_value_paths(self) -> list[str]:
+        """The arrays holding one row of values per step, in the order a staged step concatenates them:
+        dense deltas, then each low-rank layer's ``P_t`` and ``Q_t``."""
+        return [
+            *(delta_path(layer, p) for layer, p in self.dense_params()),
+            *(lowrank_path(layer, side) for layer in self.lowrank for side in ("out", "in")),
         ]
 
     def step_axis_paths(self) -> list[str]:
         """Every array with one row per step or per example row (``examples/label`` may not exist yet)."""
         return [
-            *(delta_path(layer, p) for layer, p in self.dense_params()),
+            *self.step_value_paths(),
             *(factor_path(layer, side) for layer in self.factored for side in ("in", "out")),
             *(step_path(name) for name in STEP_ARRAYS),
             *(example_path(name) for name in EXAMPLE_ARRAYS),
@@ -173,6 +211,11 @@ class TraceSpec:
                 "compressor": self.compressor,
                 **({"keepbits": self.keepbits} if self.mode == StorageMode.compact else {}),
                 **({"factored": list(self.factored)} if self.mode == StorageMode.factored else {}),
+                **(
+                    {"rank": self.rank, "feedback": self.feedback, "lowrank": list(self.lowrank)}
+                    if self.mode == StorageMode.lowrank
+                    else {}
+                ),
             },
         }
 
@@ -189,4 +232,7 @@ class TraceSpec:
             mode=StorageMode(storage.get("mode", "lossless")),
             keepbits=storage.get("keepbits"),
             factored=tuple(storage.get("factored") or ()),
+            rank=storage.get("rank"),
+            feedback=bool(storage.get("feedback", False)),
+            lowrank=tuple(storage.get("lowrank") or ()),
         )

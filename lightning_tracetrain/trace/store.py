@@ -21,6 +21,7 @@ import numpy as np
 import zarr
 from zarr.core.sync import sync as zarr_sync
 
+from lightning_tracetrain import functional as Fx
 from lightning_tracetrain._version import __version__
 from lightning_tracetrain.exceptions import TraceExistsError, TraceMismatchError, TraceWriteError
 from lightning_tracetrain.trace import schema
@@ -125,6 +126,12 @@ def open_to_resume(
             f"The trace at {path} was recorded for {existing.describe()}, but this run traces "
             f"{spec.describe()}. Trace the same layers of the same model, or choose another dirpath."
         )
+    if (existing.rank, existing.feedback) != (spec.rank, spec.feedback) and existing.mode == spec.mode:
+        raise TraceMismatchError(
+            f"The trace at {path} stores rank-{existing.rank} steps (feedback={existing.feedback}), but this run asks "
+            f"for rank={spec.rank}, feedback={spec.feedback}; resume with the trace's settings or trace into another "
+            "dirpath."
+        )
     if existing.mode != spec.mode:
         raise TraceMismatchError(
             f"The trace at {path} stores {existing.mode!r} deltas, but this run asks for storage={spec.mode!r}; "
@@ -204,6 +211,20 @@ def _fill(
             fill_value=0.0,
             compressors=codecs,
         )
+    for layer in spec.lowrank:
+        shape = shapes[(layer, "weight")]
+        for side, rows in zip(("out", "in"), Fx.matrix_shape(shape), strict=True):
+            group.create_array(
+                schema.lowrank_path(layer, side),
+                shape=(0, rows, spec.rank),
+                chunks=(spec.chunk_steps, rows, spec.rank),
+                dtype="float32",
+                fill_value=0.0,
+                compressors=codecs,
+            )
+        group.create_array(
+            schema.residual_path(layer), shape=(2, *shape), chunks=(1, *shape), dtype="float32", compressors=codecs
+        )
     for layer in spec.factored:
         out_features, in_features = shapes[(layer, "weight")]
         for side, width in (("in", in_features), ("out", out_features)):
@@ -230,6 +251,20 @@ def _fill(
     return group
 
 
+def create_labels(group: zarr.Group, sample: np.ndarray | None, compressors: Any) -> zarr.Array:
+    """``examples/label``, created with the first labelled rows: their dtype and width decide its own."""
+    dtype = "int64" if sample is None or sample.dtype.kind in "iub" else "float32"
+    width = () if sample is None else sample.shape[1:]
+    return group.create_array(
+        schema.example_path("label"),
+        shape=(0, *width),
+        chunks=(schema.EXAMPLE_CHUNK, *width),
+        dtype=dtype,
+        fill_value=-1,
+        compressors=compressors,
+    )
+
+
 def truncate(group: zarr.Group, records: int) -> None:
     """Cut every step-axis and example-axis array back to ``records`` steps (dropping later rows).
 
@@ -239,7 +274,10 @@ def truncate(group: zarr.Group, records: int) -> None:
     examples = 0
     if records > 0:
         examples = int(group[schema.step_path("example_stop")][records - 1])
-    group.update_attributes({"steps_committed": records, "examples_committed": examples})  # one write
+    counters: dict[str, Any] = {"steps_committed": records, "examples_committed": examples}
+    if (group.attrs.get("residual") or {}).get("steps", 0) > records:
+        counters["residual"] = None  # a low-rank residual of dropped steps: the resumed run writes its own
+    group.update_attributes(counters)  # one write
     for name in TraceSpec.from_attrs(dict(group.attrs)).step_axis_paths():
         node = optional_array(group, name)
         axis_len = examples if schema.is_example_axis(name) else records

@@ -22,6 +22,8 @@ def stored_bytes(trace: Trace, layers: Sequence[str] | None = None) -> dict[str,
             raw += int(np.prod(shape)) * 4 * trace.num_steps
             if p == "weight" and trace.spec.is_factored(lay.name):
                 paths = [schema.factor_path(lay.name, side) for side in ("in", "out")]
+            elif p == "weight" and trace.spec.is_lowrank(lay.name):  # the residual is one weight, not a step
+                paths = [schema.lowrank_path(lay.name, side) for side in ("out", "in")]
             else:
                 paths = [schema.delta_path(lay.name, p)]
             stored += sum(int(trace._array(path).nbytes_stored()) for path in paths)
@@ -59,6 +61,9 @@ def _storage(trace: Trace) -> str:
         return f"compact: {trace.spec.keepbits} mantissa bits"
     if trace.storage == StorageMode.factored:
         return f"factored: {', '.join(trace.spec.factored) or 'no layer'} as per-example factors"
+    if trace.storage == StorageMode.lowrank:
+        how = "with error feedback" if trace.spec.feedback else "residual unattributed"
+        return f"lowrank: {', '.join(trace.spec.lowrank) or 'no layer'} as rank-{trace.spec.rank} products, {how}"
     return "lossless"
 
 

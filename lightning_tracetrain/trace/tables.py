@@ -48,3 +48,12 @@ class FactorRows:
     outputs: Tensor  # (rows, out_features): -lr times the loss gradient of the layer's output row
     counts: Tensor  # int64 (steps,): rows of each step, in order
     row_start: int  # the first row's position in Trace.examples
+
+
+@dataclass  # not frozen: Lightning moves the tensors of a dataclass batch to the device in place
+class LowRankFactors:
+    """A low-rank layer's weight changes for a range of steps: step ``t`` changed it by ``p[t] @ q[t].T``."""
+
+    p: Tensor  # (steps, out, rank)
+    q: Tensor  # (steps, in * kernel, rank)
+    shape: tuple[int, ...]  # the weight's shape

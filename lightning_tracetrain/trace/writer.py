@@ -9,7 +9,6 @@ disk slows training down instead of filling memory.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import itertools
 import os
@@ -27,35 +26,11 @@ from zarr.core.sync import sync as zarr_sync
 
 from lightning_tracetrain.exceptions import TraceWriteError
 from lightning_tracetrain.trace import schema
+from lightning_tracetrain.trace.background import STOP, Flush, noop, wait, yield_cpu
 from lightning_tracetrain.trace.chunks import AppendedRows, ChunkEncoder, write_rows
 from lightning_tracetrain.trace.records import StepRecord, example_rows, factor_rows, step_columns
 from lightning_tracetrain.trace.schema import StorageMode, TraceSpec
-from lightning_tracetrain.trace.store import is_url, optional_array, truncate
-
-
-class _Flush:
-    def __init__(self) -> None:
-        self.done = threading.Event()
-
-
-_STOP = object()
-
-
-def _wait(future: Future[None] | None) -> None:
-    if future is not None:
-        future.result()
-
-
-def _noop() -> None:
-    pass
-
-
-def _yield_cpu() -> None:
-    """Lower the calling thread's scheduling priority (Linux; elsewhere a no-op), so that encoding chunks uses
-    the cores that training leaves idle instead of competing with its threads; backpressure keeps it going."""
-    with contextlib.suppress(AttributeError, OSError):  # no per-thread priorities here, or not allowed
-        thread = threading.get_native_id()
-        os.setpriority(os.PRIO_PROCESS, thread, min(19, os.getpriority(os.PRIO_PROCESS, thread) + 10))
+from lightning_tracetrain.trace.store import create_labels, is_url, optional_array, truncate
 
 
 class TraceWriter:
@@ -87,9 +62,9 @@ class TraceWriter:
         spec = TraceSpec.from_attrs(dict(group.attrs))
         self._chunk = spec.chunk_steps
         self._arrays = [  # deltas are rarely all zero: skip zarr's scan of every chunk for it
-            group[schema.delta_path(layer, p)].with_config({"write_empty_chunks": True})
-            for layer, p in spec.dense_params()
+            group[path].with_config({"write_empty_chunks": True}) for path in spec.step_value_paths()
         ]
+        self._residual_slot = int((group.attrs.get("residual") or {}).get("slot", 1))
         self._factors = {
             name: tuple(group[schema.factor_path(name, side)] for side in ("in", "out")) for name in spec.factored
         }
@@ -139,7 +114,7 @@ class TraceWriter:
         self._pending: list[StepRecord] = []
         self._error: BaseException | None = None
         self._queue: queue.Queue[Any] = queue.Queue(maxsize=max_pending)
-        self._committer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="trace-commit", initializer=_yield_cpu)
+        self._committer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="trace-commit", initializer=yield_cpu)
         self._thread = threading.Thread(target=self._run, name="trace-writer", daemon=True)
         self._thread.start()
 
@@ -155,19 +130,23 @@ class TraceWriter:
         self._raise_if_failed()
         self._queue.put(record)
 
-    def flush(self, *, wait: bool = True) -> None:
-        """Commit every queued step; with ``wait`` return only once it is committed."""
+    def flush(self, *, wait: bool = True, residual: dict[str, np.ndarray] | None = None) -> None:
+        """Commit every queued step; with ``wait`` return only once it is committed. ``residual``
+        (``storage="lowrank"``, by layer) is what the stored steps lack after the last queued one."""
         self._raise_if_failed()
-        item = _Flush()
+        item = Flush(residual)
         self._queue.put(item)
         if wait:
             item.done.wait()
             self._raise_if_failed()
 
-    def close(self, *, raise_errors: bool = True) -> None:
-        """Commit what is queued, stop both threads and trim the arrays to the committed steps."""
+    def close(self, *, raise_errors: bool = True, residual: dict[str, np.ndarray] | None = None) -> None:
+        """Commit what is queued (with ``residual``, as :meth:`flush`), stop both threads and trim the arrays to
+        the committed steps."""
         if self._thread.is_alive():
-            self._queue.put(_STOP)
+            if residual is not None:
+                self._queue.put(Flush(residual))
+            self._queue.put(STOP)
             self._thread.join()
         if raise_errors:
             self._raise_if_failed()
@@ -212,11 +191,13 @@ class TraceWriter:
                 self._submit()
                 last_commit = time.monotonic()
                 continue
-            if item is _STOP or isinstance(item, _Flush):
+            if item is STOP or isinstance(item, Flush):
                 self._submit()
-                _wait(self._committer.submit(_noop))  # commits run in order: this one ends after all of them
-                if item is _STOP:
-                    _wait(self._committer.submit(self._guard, self._tidy))
+                if isinstance(item, Flush) and item.residual is not None:
+                    self._committer.submit(self._guard, self._write_residual, item.residual, self._queued)
+                wait(self._committer.submit(noop))  # commits run in order: this one ends after all of them
+                if item is STOP:
+                    wait(self._committer.submit(self._guard, self._tidy))
                     self._committer.shutdown()
                     return
                 item.done.set()
@@ -240,6 +221,11 @@ class TraceWriter:
             self._error = exc
 
     @property
+    def _queued(self) -> int:
+        """Steps handed to this writer so far, committed or not."""
+        return self._start + len(self._pending)
+
+    @property
     def _capacity(self) -> int:
         return self._chunk - self._start % self._chunk
 
@@ -253,7 +239,7 @@ class TraceWriter:
     def _append(self, record: StepRecord) -> None:
         row = len(self._pending)
         if row == 0:  # the window's previous commit must have read it before it is refilled
-            _wait(self._window_commit[self._current])
+            wait(self._window_commit[self._current])
             self._windows[self._current].fill(0.0)  # rows not yet filled are written as zeros by a partial commit
         if record.deltas is not None:
             try:
@@ -318,6 +304,14 @@ class TraceWriter:
         self._group.update_attributes({**counters, "checkpoints": self._checkpoints})  # ... then commit
         self.committed = start + n
 
+    def _write_residual(self, residual: dict[str, np.ndarray], steps: int) -> None:
+        """Write the residual after ``steps`` steps into the slot not in use, then name it (crash-safe)."""
+        slot = 1 - self._residual_slot
+        for layer, values in residual.items():
+            self._group[schema.residual_path(layer)][slot] = values
+        self._group.update_attributes({"residual": {"steps": steps, "slot": slot}})
+        self._residual_slot = slot
+
     def _tidy(self) -> None:
         """Cut the arrays' shapes back to the committed rows (they grow ahead in whole chunks); note the last
         checkpoints."""
@@ -333,15 +327,6 @@ class TraceWriter:
     def _label_array(self, recs: list[StepRecord]) -> zarr.Array:
         if "label" not in self._examples:
             sample = next((r.label for r in recs if r.label is not None), None)
-            dtype = "int64" if sample is None or sample.dtype.kind in "iub" else "float32"
-            width = () if sample is None else sample.shape[1:]
-            self._examples["label"] = self._group.create_array(
-                schema.example_path("label"),
-                shape=(0, *width),
-                chunks=(schema.EXAMPLE_CHUNK, *width),
-                dtype=dtype,
-                fill_value=-1,
-                compressors=self._examples["index"].compressors,
-            )
+            self._examples["label"] = create_labels(self._group, sample, self._examples["index"].compressors)
             self._append_whole(self._examples["label"], 0)  # rows before its first write hold -1
         return self._examples["label"]
