@@ -13,6 +13,8 @@ import torch
 from conftest import assert_matches_snapshots, committed, finish, kill, replay_error_feedback, start_run
 
 from lightning_tracetrain import Trace
+from lightning_tracetrain import functional as Fx
+from lightning_tracetrain.recording.lowrank import SEED
 from lightning_tracetrain.trace.lease import lease_path
 
 pytestmark = pytest.mark.slow
@@ -51,10 +53,12 @@ def test_sigkill_leaves_every_committed_step(tmp_path, extra_delay, storage):
         assert len(trace.factors("fc").inputs) == 8 * k
 
 
-def test_compact_resume_after_kill_continues_without_gap_and_keeps_its_carry(tmp_path):
+@pytest.mark.parametrize("storage", ["compact", "lowrank"])
+def test_resume_after_kill_continues_without_gap_and_keeps_its_carry(tmp_path, storage):
     """Killed, then resumed from an older checkpoint: no gap, no duplicate, and every stored step is still
-    bit for bit the error feedback of the exact steps (the checkpoint kept the rounding carry)."""
-    proc = start_run(tmp_path, "--max-steps", "400", "--sleep", "0.02", "--storage", "compact")
+    bit for bit the error feedback of the exact steps (compact: the checkpoint kept the rounding carry) or the
+    power iteration over them (lowrank: it kept the residual and the warm start)."""
+    proc = start_run(tmp_path, "--max-steps", "400", "--sleep", "0.02", "--storage", storage)
     _wait(proc, lambda: len(list((tmp_path / "ckpt").glob("*.ckpt"))) >= 3)
     kill(proc)
     killed_at = Trace(tmp_path / "trace").num_steps
@@ -67,7 +71,7 @@ def test_compact_resume_after_kill_continues_without_gap_and_keeps_its_carry(tmp
     ckpt_step = int(resume_from.stem.split("=")[1])
     assert killed_at > ckpt_step
 
-    proc = start_run(tmp_path, "--max-steps", "30", "--resume", str(resume_from), "--storage", "compact")
+    proc = start_run(tmp_path, "--max-steps", "30", "--resume", str(resume_from), "--storage", storage)
     code, error = finish(proc)
     assert code == 0, error
 
@@ -82,6 +86,9 @@ def _assert_steps(trace: Trace, out: Path, steps: range) -> None:
     """The trace against the weight snapshots: exactly, or for compact bit for bit the error feedback of the
     snapshots' differences (the exact steps) and within one step's rounding of the weights."""
     snapshots = {k: _snapshot(out, k) for k in steps}
+    if trace.storage == "lowrank":
+        _assert_lowrank_steps(trace, snapshots)
+        return
     if trace.storage != "compact":
         assert_matches_snapshots(trace, snapshots)
         return
@@ -93,6 +100,25 @@ def _assert_steps(trace: Trace, out: Path, steps: range) -> None:
             assert torch.equal(stored, replay_error_feedback(exact, keepbits)), key
             bound[key] = 2.0**-keepbits * exact.abs().max(0).values
     assert_matches_snapshots(trace, snapshots, bound=bound)
+
+
+def _assert_lowrank_steps(trace: Trace, snapshots: dict[int, dict[str, torch.Tensor]]) -> None:
+    """Biases and small layers exactly; each low-rank step bit for bit a power iteration over the exact step;
+    the final weights with the residual the run wrote at its end."""
+    assert trace.spec.lowrank == ("fc",)  # rank 4: conv (4 x 9) and head (3 x 16) are smaller as they are
+    last = max(snapshots)
+    for layer in trace.layers:
+        for param, stored in trace.read_chunk(layer)[0].items():
+            key = f"{layer}.{param}"
+            exact = torch.stack([snapshots[k + 1][key] - snapshots[k][key] for k in range(last)])
+            assert torch.equal(stored, exact), key
+    factors = trace.read_chunk("fc")[1]
+    q = torch.randn(144, trace.spec.rank, generator=torch.Generator().manual_seed(SEED))
+    for k in range(last):
+        p, q = Fx.power_step(snapshots[k + 1]["fc.weight"] - snapshots[k]["fc.weight"], q)
+        assert torch.equal(factors.p[k], p) and torch.equal(factors.q[k], q), k
+    assert trace.residual("fc")[0] == last
+    torch.testing.assert_close(trace.final("fc")["weight"], snapshots[last]["fc.weight"], atol=1e-6, rtol=1e-6)
 
 
 def _loads(path: Path) -> bool:
