@@ -21,6 +21,7 @@ COMMANDS = {
     "demo": ("lightning_tracetrain.workloads.demo", "train a config with tracing, then explain test inputs"),
     "evaluate": ("lightning_tracetrain.workloads.evaluate", "our method beside the baselines on digits"),
     "specificity": ("lightning_tracetrain.workloads.specificity", "per layer: how class-specific is what it learned?"),
+    "plan": ("lightning_tracetrain.workloads.plan", "project a config's trace size per storage mode; does it fit?"),
     "depth": ("lightning_tracetrain.workloads.depth", "the paper's depth diagnosis on motif graphs vs accuracy"),
 }
 

@@ -12,9 +12,9 @@ import zarr
 from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
 from zarr.core.sync import sync
 
+from lightning_tracetrain.trace.background import yield_cpu
 from lightning_tracetrain.trace.chunks import AppendedRows, ChunkEncoder, store_chunks
 from lightning_tracetrain.trace.codecs import checksummed, make_compressor
-from lightning_tracetrain.trace.background import yield_cpu
 
 
 def _array(path: Path, shape: tuple[int, ...], chunks: tuple[int, ...], dtype: str, compressors) -> zarr.Array:

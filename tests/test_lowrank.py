@@ -57,7 +57,9 @@ def run(tmp_path_factory):
     model = PlainNet()
     ckpt = ModelCheckpoint(folder / "ckpt", filename="{step}", every_n_train_steps=5, save_top_k=-1)
     trainer = quiet_trainer(
-        max_steps=12, enable_checkpointing=True, callbacks=[TraceCallback(folder / "t", storage="lowrank", rank=2), ckpt]
+        max_steps=12,
+        enable_checkpointing=True,
+        callbacks=[TraceCallback(folder / "t", storage="lowrank", rank=2), ckpt],
     )
     trainer.fit(model, image_loader(n=48))
     return folder, model.eval()
@@ -89,7 +91,7 @@ def test_the_stored_residual_tells_a_changed_weight_apart(run):
     with torch.no_grad():
         model.fc.weight[0, 0] += 1e-2  # only the low-rank weight: its bias still matches
     try:
-        with pytest.raises(TraceMismatchError, match="fc.weight"):
+        with pytest.raises(TraceMismatchError, match=r"fc\.weight"):
             Explainer(model, trace).explain(QUERIES)
     finally:
         with torch.no_grad():
@@ -116,4 +118,3 @@ def test_bad_settings_are_named(run, tmp_path):
     trainer = quiet_trainer(max_steps=8, callbacks=[TraceCallback(folder / "t", storage="lowrank", rank=3)])
     with pytest.raises(TraceMismatchError, match="rank-2 steps"):
         trainer.fit(model, image_loader(n=48), ckpt_path=folder / "ckpt" / "step=5.ckpt")
-

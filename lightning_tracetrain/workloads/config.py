@@ -36,16 +36,21 @@ def load_config(name: str | Path) -> dict[str, Any]:
 
 
 def build(
-    name: str | Path, *, model: dict[str, Any] | None = None, data: dict[str, Any] | None = None
+    name: str | Path,
+    *,
+    model: dict[str, Any] | None = None,
+    data: dict[str, Any] | None = None,
+    trust: Trust = Trust(),
 ) -> tuple[pl.LightningModule, pl.LightningDataModule]:
-    """A fresh model and datamodule of a workload, their config's ``init_args`` updated by ``model``/``data``."""
+    """A fresh model and datamodule of a workload, their config's ``init_args`` updated by ``model``/``data``
+    (classes outside this package are imported only when ``trust`` allows them)."""
     config = load_config(name)
     return (
-        _instantiate(config["model"], model or {}, pl.LightningModule, "model"),
-        _instantiate(config["data"], data or {}, pl.LightningDataModule, "datamodule"),
+        _instantiate(config["model"], model or {}, pl.LightningModule, "model", trust),
+        _instantiate(config["data"], data or {}, pl.LightningDataModule, "datamodule", trust),
     )
 
 
-def _instantiate(section: dict[str, Any], overrides: dict[str, Any], base: type, what: str) -> Any:
+def _instantiate(section: dict[str, Any], overrides: dict[str, Any], base: type, what: str, trust: Trust) -> Any:
     spec = ClassSpec(section["class_path"], {**section.get("init_args", {}), **overrides})
-    return import_class(spec, base, Trust(), what)(**spec.init_args)
+    return import_class(spec, base, trust, what)(**spec.init_args)
