@@ -105,7 +105,7 @@ def _assert_steps(trace: Trace, out: Path, steps: range) -> None:
 def _assert_lowrank_steps(trace: Trace, snapshots: dict[int, dict[str, torch.Tensor]]) -> None:
     """Biases and small layers exactly; each low-rank step bit for bit a power iteration over the exact step;
     the final weights with the residual the run wrote at its end."""
-    assert trace.spec.lowrank == ("fc",)  # rank 4: conv (4 x 9) and head (3 x 16) are smaller as they are
+    assert trace.spec.lowrank == ("fc",)  # rank 8: conv (4 x 9) and head (3 x 16) are smaller as they are
     last = max(snapshots)
     for layer in trace.layers:
         for param, stored in trace.read_chunk(layer)[0].items():

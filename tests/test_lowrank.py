@@ -15,6 +15,7 @@ from lightning_tracetrain import Trace, TraceCallback
 from lightning_tracetrain import functional as Fx
 from lightning_tracetrain.exceptions import TraceMismatchError
 from lightning_tracetrain.explain import Explainer
+from lightning_tracetrain.explain.document import Query, influence_document
 from lightning_tracetrain.explain.loading import Trust
 from lightning_tracetrain.recording.lowrank import choose_lowrank
 
@@ -40,6 +41,20 @@ def test_gamma_of_the_factors_is_gamma_of_the_rebuilt_step(queries):
     assert dense.shape == (steps, *shape)
     torch.testing.assert_close(Fx.lowrank_gammas(p, q, grads), Fx.step_gammas({"w": dense}, {"w": grads}).T)
     torch.testing.assert_close(Fx.lowrank_sum(p, q, shape), dense.sum(0))
+
+
+def test_gamma_of_a_linear_layer_from_the_query_rows_is_gamma_of_the_rebuilt_step():
+    g = torch.Generator().manual_seed(2)
+    layer = torch.nn.Linear(12, 5).double()
+    xs = [torch.randn(n, 12, generator=g, dtype=torch.float64) for n in (1, 3)]  # an image row, three graph nodes
+    params = {k: v.detach() for k, v in layer.named_parameters()}
+    grads = torch.stack([Fx.query_gradient(layer, x, params)[1]["weight"] for x in xs])
+    zs = [Fx.layer_output(layer, x, params).detach() for x in xs]
+    p = torch.randn(4, 5, 2, generator=g, dtype=torch.float64)
+    q = torch.randn(4, 12, 2, generator=g, dtype=torch.float64)
+    torch.testing.assert_close(Fx.lowrank_row_gammas(p, q, xs, zs), Fx.lowrank_gammas(p, q, grads))
+    assert Fx.row_form_pays(torch.zeros(1, 512, 8), torch.zeros(1, 2048, 8), query_rows=40, queries=40)
+    assert not Fx.row_form_pays(torch.zeros(1, 8, 8), torch.zeros(1, 8, 8), query_rows=4000, queries=40)
 
 
 def test_only_layers_whose_factors_are_smaller_are_low_rank():
@@ -88,6 +103,11 @@ def test_the_stored_residual_tells_a_changed_weight_apart(run):
     assert all(float(a.residual.abs().max()) <= 1e-5 for a in results.values())
     z = {n: float(a.z_sq.mean()) for n, a in results.items()}
     assert all(float(a.unattributed.abs().max()) < z[n] for n, a in results.items())  # a share, not all of it
+    logits = torch.cat([model(q["x"]) for q in QUERIES]).detach()
+    doc = influence_document(trace, 12, results, logits, [Query(i, -1) for i in range(3)], checkpoint="ckpt")
+    for name, layer in doc["queries"][0]["layers"].items():  # the shares in the document add up too
+        total = layer["init_score"] + sum(layer["class_scores"].values()) + layer["unattributed_score"]
+        assert total == pytest.approx(layer["norm_sq"], rel=1e-4), name
     with torch.no_grad():
         model.fc.weight[0, 0] += 1e-2  # only the low-rank weight: its bias still matches
     try:

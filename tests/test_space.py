@@ -11,7 +11,7 @@ from conftest import TinyCNN, image_loader, quiet_trainer
 
 from lightning_tracetrain import Trace, TraceCallback
 from lightning_tracetrain.recording.layers import layer_parameters
-from lightning_tracetrain.recording.space import projected_bytes, space_warning
+from lightning_tracetrain.recording.space import projected_bytes, space_warning, step_bytes
 from lightning_tracetrain.workloads.config import build
 
 Usage = namedtuple("Usage", "total used free")
@@ -68,3 +68,15 @@ def test_fit_warns_at_start_and_still_records_every_step(tmp_path, monkeypatch):
         warnings.simplefilter("error", UserWarning)
         warnings.filterwarnings("ignore", message=".*does not have many workers.*")
         quiet_trainer(max_epochs=1, callbacks=[TraceCallback(tmp_path / "u")]).fit(TinyCNN(), image_loader(n=16))
+
+
+def test_lowrank_steps_are_projected_as_their_factors(tmp_path, monkeypatch):
+    model = TinyCNN()
+    layers = {"conv": model.conv, "fc": model.fc, "head": model.head}
+    dense = step_bytes(layers, "lossless")
+    assert dense == {n: 4 * sum(p.numel() for p in layer_parameters(m).values()) for n, m in layers.items()}
+    low = step_bytes(layers, "lowrank", rank=1)  # every weight pays at rank 1; biases stay deltas
+    assert low == {"conv": 4 * (4 + 9 + 4), "fc": 4 * (8 + 36 + 8), "head": 4 * (3 + 8)}
+    _free(monkeypatch, 200_000)  # lossless needs at least 720 kB, rank-1 factors 160 kB
+    text = space_warning(dense, 1000, "lossless", str(tmp_path), lowrank_bytes=sum(low.values()))
+    assert text is not None and "storage='lowrank'" in text

@@ -83,13 +83,17 @@ def attribute_chunk(
     ``deltas`` are the stored dense deltas; a factored weight comes as ``factors`` and is never rebuilt:
     its gamma is the sum of its rows' shares, its norms come from the rows (:func:`~lightning_tracetrain.
     functional.factored_norms`) and its summed change is ``outputs^T inputs``. A low-rank weight comes as its
-    products' factors: gamma is ``<P_t, G Q_t>`` (:func:`~lightning_tracetrain.functional.lowrank_gammas`);
-    only the norms rebuild its steps.
+    products' factors: gamma is ``<P_t, G Q_t>`` (:func:`~lightning_tracetrain.functional.lowrank_gammas`), for
+    a linear layer from the queries' rows where that is cheaper; only the norms rebuild its steps.
     """
     out: dict[str, Tensor] = {f"sum/{p}": d.double().sum(0) for p, d in deltas.items()}
     if isinstance(factors, LowRankFactors):
         p, q = factors.p, factors.q
-        gamma = Fx.lowrank_gammas(p, q, queries.grads["weight"])
+        rows = sum(x.reshape(-1, x.shape[-1]).shape[0] for x in queries.xs)
+        if len(factors.shape) == 2 and Fx.row_form_pays(p, q, rows, len(queries.xs)):  # a linear layer
+            gamma = Fx.lowrank_row_gammas(p, q, queries.xs, queries.zs)
+        else:
+            gamma = Fx.lowrank_gammas(p, q, queries.grads["weight"])
         if "bias" in deltas:
             gamma = gamma + Fx.step_gammas({"bias": deltas["bias"]}, queries.grads).T
         out["sum/weight"] = Fx.lowrank_sum(p, q, factors.shape)

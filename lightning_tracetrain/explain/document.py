@@ -150,7 +150,7 @@ def _layer(
     per_example, labels = example_attribution(
         steps, examples, step_scores, stop, split=score == "gamma", rows=rows if score == "gamma" else None
     )
-    # class scores are always shares of gamma (they add up to ||Z||^2 with init_score)
+    # class scores are always shares of gamma (they add up to ||Z||^2 with init_score and unattributed_score)
     gamma_examples = (
         per_example
         if score == "gamma"
@@ -165,6 +165,8 @@ def _layer(
         "norm_sq": float(a.z_sq[qi]),
         "completeness_residual": float(a.residual[qi]),
     }
+    if a.unattributed is not None:  # storage="lowrank": the share of what the stored products lack
+        doc["unattributed_score"] = float(a.unattributed[qi])
     if privacy:
         return doc
     s = per_example[0]

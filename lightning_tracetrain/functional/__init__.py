@@ -40,9 +40,11 @@ from lightning_tracetrain.functional.lowrank import (
     lowrank_deltas,
     lowrank_gammas,
     lowrank_pays,
+    lowrank_row_gammas,
     lowrank_sum,
     matrix_shape,
     power_step,
+    row_form_pays,
 )
 from lightning_tracetrain.functional.norms import contribution_norms, factored_norms, gram_norms, input_rows
 
@@ -61,6 +63,7 @@ __all__ = [
     "lowrank_deltas",
     "lowrank_gammas",
     "lowrank_pays",
+    "lowrank_row_gammas",
     "lowrank_sum",
     "matrix_shape",
     "padded_steps",
@@ -68,6 +71,7 @@ __all__ = [
     "predicted_class_share",
     "query_gradient",
     "real_cross_entropy",
+    "row_form_pays",
     "row_gammas",
     "row_steps",
     "step_class_shares",

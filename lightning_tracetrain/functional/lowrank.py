@@ -16,6 +16,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from lightning_tracetrain.functional.gamma import row_gammas, step_sums
+
 
 def matrix_shape(shape: Sequence[int]) -> tuple[int, int]:
     """A weight's shape as the matrix its steps are factored in: ``(out, in * kernel)``."""
@@ -66,3 +68,24 @@ def lowrank_gammas(p: Tensor, q: Tensor, grads: Tensor) -> Tensor:
         return torch.einsum("ator,tor->at", gq, p)
     d = torch.bmm(p, q.transpose(1, 2))
     return g.reshape(g.shape[0], -1) @ d.reshape(d.shape[0], -1).T
+
+
+def lowrank_row_gammas(p: Tensor, q: Tensor, query_inputs: Sequence[Tensor], query_outputs: Sequence[Tensor]) -> Tensor:
+    """:func:`lowrank_gammas` of a linear layer (2-d weight) from the queries' rows, ``(Q, T)``.
+
+    Its query gradient is ``G = Z^T H`` over the query's input and pre-activation rows, so
+    ``<P_t Q_t^T, G> = sum_k sum_p (P_t[:, k] . z_p) (Q_t[:, k] . h_p)``: each rank component is a
+    row of :func:`~lightning_tracetrain.functional.row_gammas`, ``r (out + in)`` work per step and query
+    row instead of ``out * in``.
+    """
+    steps, rows, rank = p.shape
+    outputs = p.transpose(1, 2).reshape(steps * rank, rows)
+    inputs = q.transpose(1, 2).reshape(steps * rank, q.shape[1])
+    return step_sums(row_gammas(inputs, outputs, query_inputs, query_outputs, bias=False), [rank] * steps)
+
+
+def row_form_pays(p: Tensor, q: Tensor, query_rows: int, queries: int) -> bool:
+    """Whether :func:`lowrank_row_gammas` (``r * query_rows * (out + in)`` per step) beats rebuilding each step
+    and multiplying it with every query's gradient (``out * in * (r + queries)``)."""
+    rows, cols, rank = p.shape[1], q.shape[1], p.shape[2]
+    return rank * query_rows * (rows + cols) < rows * cols * (rank + queries)

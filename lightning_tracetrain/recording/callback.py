@@ -17,9 +17,9 @@ from typing_extensions import override
 from lightning_tracetrain.batch import batch_ghost, batch_index, batch_labels
 from lightning_tracetrain.recording.classes import class_spec
 from lightning_tracetrain.recording.factored import check_plain_sgd
-from lightning_tracetrain.recording.layers import layer_parameters, select_layers
+from lightning_tracetrain.recording.layers import select_layers
 from lightning_tracetrain.recording.recorder import RecorderOptions, StepInfo, TraceRecorder
-from lightning_tracetrain.recording.space import space_warning
+from lightning_tracetrain.recording.space import space_warning, step_bytes
 from lightning_tracetrain.trace.codecs import Compressor, make_compressor
 from lightning_tracetrain.trace.schema import StorageMode
 from lightning_tracetrain.trace.store import ResumeState
@@ -63,7 +63,8 @@ class TraceCallback(Callback):
             miss is kept as a residual, written with every checkpoint and at the end, so the decomposition and
             its completeness stay exact: the residual is reported as an unattributed share.
         keepbits: Mantissa bits kept by ``storage="compact"`` (float32 has 23; default 4).
-        rank: The rank of each step's product under ``storage="lowrank"`` (default 4).
+        rank: The rank of each step's product under ``storage="lowrank"`` (default 8, from the bytes-vs-fidelity
+            curve in the README).
         feedback: ``storage="lowrank"``: add each step's residual to the next step before factoring it
             (error feedback). The residual then stays about one step's error, but part of a step's change is
             attributed to the next steps, possibly of another class; off by default (docs/method.md).
@@ -95,7 +96,7 @@ class TraceCallback(Callback):
         compressor: Compressor = "auto",
         storage: StorageMode = StorageMode.lossless,
         keepbits: int = 4,
-        rank: int = 4,
+        rank: int = 8,
         feedback: bool = False,
         chunk_steps: int | None = None,
         overwrite: bool = False,
@@ -176,13 +177,14 @@ class TraceCallback(Callback):
         """Warn (rank 0) at fit start when the projected trace exceeds the free space at dirpath (recording.space)."""
         if self._resume is not None:
             return  # a resumed run's remaining steps: the trace already holds the rest
-        sizes = {n: 4 * sum(t.numel() for t in layer_parameters(m).values()) for n, m in layers.items()}
+        sizes = step_bytes(layers, self.options.storage, self.options.rank)
         try:
             with quiet_logs():  # Lightning says it loads the train dataloader early (it would a moment later)
                 steps = float(trainer.estimated_stepping_batches)
         except Exception:  # a loader Lightning cannot size: no projection, and never a failed fit for it
             return
-        warning = space_warning(sizes, steps, self.options.storage, str(self.dirpath))
+        lowrank = sum(step_bytes(layers, StorageMode.lowrank).values())
+        warning = space_warning(sizes, steps, self.options.storage, str(self.dirpath), lowrank)
         if warning is not None:
             rank_zero_warn(warning)
 

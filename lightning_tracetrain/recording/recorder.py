@@ -45,7 +45,7 @@ class RecorderOptions:
     dirpath: str
     storage: StorageMode = StorageMode.lossless
     keepbits: int = 4
-    rank: int = 4
+    rank: int = 8
     feedback: bool = False
     compressor: Compressor = "auto"
     chunk_steps: int | None = None

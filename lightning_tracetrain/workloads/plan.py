@@ -5,9 +5,9 @@ way its Trainer will (``estimated_stepping_batches``), and trains a few real
 steps with every storage mode traced at once (``factored`` in a run of its own,
 when the optimizer allows it), so each layer's stored bytes per step are
 measured rather than guessed. It then projects each mode's trace size, compares
-it with the free space where the config writes the trace, and times reading the
-measured trace to say how long one explanation pass would spend reading each
-projected trace. A warning (not an error) names the mode or ``layers=`` choice
+it with the free space where the config writes the trace, and times reading a
+chunk of the measured steps, of the size a real run writes, to say how long one
+explanation pass would spend reading each projected trace. A warning (not an error) names the mode or ``layers=`` choice
 that would fit.
 """
 
@@ -22,6 +22,8 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
+import torch
+import zarr
 
 from lightning_tracetrain.console import add_debug_flag, command
 from lightning_tracetrain.explain.arguments import dataclass_parser, option, parse
@@ -29,6 +31,7 @@ from lightning_tracetrain.explain.loading import Trust
 from lightning_tracetrain.recording import TraceCallback
 from lightning_tracetrain.recording.space import free_bytes
 from lightning_tracetrain.trace import StorageMode, Trace
+from lightning_tracetrain.trace.codecs import checksummed, make_compressor
 from lightning_tracetrain.trace.summary import format_bytes
 from lightning_tracetrain.trainer import quiet_logs, quiet_trainer
 from lightning_tracetrain.workloads.config import build, load_config
@@ -42,7 +45,7 @@ class PlanArguments:
 
     config: str = option("a LightningCLI config (configs/NAME.yaml or a path)")
     measure_steps: int = option("real optimizer steps to measure (stored bytes and read speed)", 4)
-    rank: int = option("the rank of storage='lowrank'", 4)
+    rank: int = option("the rank of storage='lowrank'", 8)
     dirpath: str | None = option("where the trace will go (default: the config's trace.init_args.dirpath)", None)
     max_epochs: int | None = option("override the config's trainer.max_epochs", None)
     max_steps: int | None = option("override the config's trainer.max_steps", None)
@@ -78,7 +81,7 @@ class Plan:
     read_bytes_per_s: float
     modes: dict[str, ModePlan]
     configured: str = "lossless"
-    rank: int = 4
+    rank: int = 8
 
     def projected(self, mode: str) -> float:
         """Stored bytes of the steps' deltas (or factors) under ``mode``."""
@@ -217,11 +220,24 @@ def _chunk_bytes(trace: Path, layer: str) -> int:
 
 
 def _read_speed(trace: Trace, seconds: float = 0.3) -> float:
-    """Stored bytes per second that reading (and decoding) every layer's chunks achieves here."""
-    stored, done, start = trace.nbytes()["stored"], 0, time.perf_counter()
+    """Stored bytes per second that reading and decoding chunks of the size a real run writes achieves here.
+
+    The measured steps (scaled a little per row, so no row repeats another) fill one chunk of about 32 MiB,
+    stored with the trace's codecs in a scratch folder beside it and read back until ``seconds`` have passed.
+    """
+    steps = torch.cat([d.reshape(trace.num_steps, -1) for n in trace.layers for d in trace.deltas(n).values()], 1)
+    rows = max(1, min(256, 2**25 // (4 * steps.shape[1])))
+    block = steps.repeat((rows + len(steps) - 1) // len(steps), 1)[:rows]
+    block *= 1 + 1e-3 * torch.arange(rows, dtype=torch.float32)[:, None]
+    codecs = checksummed(make_compressor("auto"))
+    array = zarr.create_array(
+        store=str(Path(trace.path).with_name("read-speed")), shape=block.shape, chunks=block.shape, dtype="float32",
+        compressors=codecs,
+    )  # fmt: skip
+    array[...] = block.numpy()
+    stored, done, start = array.nbytes_stored(), 0, time.perf_counter()
     while (elapsed := time.perf_counter() - start) < seconds or done == 0:
-        for name in trace.layers:
-            trace.read_chunk(name)
+        array[...]
         done += stored
     return done / elapsed
 

@@ -36,9 +36,10 @@ def trace_modes(
 ) -> dict[str, Trace]:
     """One run traced once per storage mode at the same time, so all traces hold the same steps.
 
-    ``modes`` maps a storage mode to further TraceCallback arguments (``{"compact": {"keepbits": 4}}``).
+    ``modes`` maps a storage mode to further TraceCallback arguments (``{"compact": {"keepbits": 4}}``), or
+    any name to arguments that name the mode (``{"lowrank-r8": {"storage": "lowrank", "rank": 8}}``).
     """
-    callbacks = [TraceCallback(folder / mode, storage=mode, **kwargs) for mode, kwargs in modes.items()]
+    callbacks = [TraceCallback(folder / name, **{"storage": name, **kwargs}) for name, kwargs in modes.items()]
     trainer(epochs, callbacks=callbacks).fit(model, datamodule)
     return {mode: Trace(folder / mode) for mode in modes}
 
