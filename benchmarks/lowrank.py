@@ -37,16 +37,10 @@ from lightning_tracetrain.explain import Explainer, example_attribution
 from lightning_tracetrain.explain.attribution import LayerAttribution, ridge_densities, step_class_shares
 from lightning_tracetrain.trace import Trace
 from lightning_tracetrain.workloads.config import build
+from lightning_tracetrain.workloads.metrics import spearman
 from lightning_tracetrain.workloads.runs import single_batches, storage_ratios, trace_modes
 
 GRID = torch.linspace(-1, 1, 201)
-
-
-def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Spearman rank correlation of two 1-d tensors (ties broken by position)."""
-    ra, rb = (x.double().argsort().argsort().double() for x in (a, b))
-    ra, rb = ra - ra.mean(), rb - rb.mean()
-    return float((ra * rb).sum() / (ra.norm() * rb.norm()).clamp_min(1e-300))
 
 
 def class_shares(trace: Trace, gamma: torch.Tensor, classes: int) -> torch.Tensor:

@@ -24,15 +24,8 @@ import torch
 
 from lightning_tracetrain.explain import Explainer, example_attribution
 from lightning_tracetrain.workloads.config import build
+from lightning_tracetrain.workloads.metrics import spearman
 from lightning_tracetrain.workloads.runs import single_batches, storage_ratios, trace_modes
-
-
-def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Spearman rank correlation of two 1-d tensors (ties broken by position)."""
-    ra = a.double().argsort().argsort().double()
-    rb = b.double().argsort().argsort().double()
-    ra, rb = ra - ra.mean(), rb - rb.mean()
-    return float((ra * rb).sum() / (ra.norm() * rb.norm()))
 
 
 def _examples(trace, gamma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

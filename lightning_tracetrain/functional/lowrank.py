@@ -37,9 +37,8 @@ def power_step(matrix: Tensor, q: Tensor) -> tuple[Tensor, Tensor]:
     step). ``P`` has orthonormal columns, so ``P Q'^T`` is ``M``'s projection onto them: the best
     approximation within that column space.
     """
-    p = matrix @ q
-    p = torch.linalg.qr(p).Q if torch.isfinite(p).all() else p  # a diverged step stays NaN, and is flagged
-    return p, matrix.T @ p
+    p = torch.linalg.qr(torch.nan_to_num(matrix @ q, nan=0.0, posinf=0.0, neginf=0.0)).Q  # no host sync
+    return p, matrix.T @ p  # a diverged step: Q' holds its NaN or infinity, and the trace flags the step
 
 
 def lowrank_deltas(p: Tensor, q: Tensor, shape: Sequence[int]) -> Tensor:

@@ -68,18 +68,23 @@ class LowRankSteps:
 
     @torch.no_grad()
     def step(self) -> list[Tensor]:
-        """After an optimizer step: ``[P, Q]`` of every layer (float32, on the device); updates ``R`` and ``before``."""
+        """After an optimizer step: ``[P, Q]`` of every layer (float32, on the device); updates ``R`` and ``before``.
+
+        Each weight is passed over a few times only: the delta is formed once, the residual takes it and
+        gives back the product in one fused ``addmm_``.
+        """
         out = []
         for i, (w, before) in enumerate(zip(self._weights, self._before, strict=True)):
-            delta = w.detach().float() - before
-            residual = self._residual[i]
-            target = delta + residual if self._feedback else delta
-            matrix = target.reshape(Fx.matrix_shape(w.shape))
-            p, q = Fx.power_step(matrix, self._q[i])
-            approx = (p @ q.T).reshape(w.shape)
-            residual.add_(delta).sub_(approx)
+            shape = Fx.matrix_shape(w.shape)
+            delta = torch.sub(w.detach(), before).reshape(shape)  # float32: before is
+            residual = self._residual[i].view(shape)
+            if self._feedback:
+                delta.add_(residual)  # the step plus what earlier products missed
+                residual.zero_()
+            p, q = Fx.power_step(delta, self._q[i])
+            residual.add_(delta).addmm_(p, q.T, alpha=-1.0)
             before.copy_(w.detach())
-            self._q[i] = q if torch.isfinite(q).all() else self._q[i]  # a diverged step does not poison the next
+            self._q[i] = torch.where(torch.isfinite(q), q, self._q[i])  # a diverged step does not poison the next
             out += [p, q]
         return out
 

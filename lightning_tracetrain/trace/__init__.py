@@ -3,7 +3,7 @@
 - :mod:`~lightning_tracetrain.trace.schema`: the on-disk layout and :class:`TraceSpec`;
 - :mod:`~lightning_tracetrain.trace.codecs`: which compressor;
 - :mod:`~lightning_tracetrain.trace.store`: create, reopen to resume, cut back;
-- :mod:`~lightning_tracetrain.trace.writer`: the background commit engine;
+- :mod:`~lightning_tracetrain.trace.writer`: the background commit engine (``background``: its threads' helpers);
 - :mod:`~lightning_tracetrain.trace.reader` and :mod:`~lightning_tracetrain.trace.tables`: :class:`Trace`.
 """
 

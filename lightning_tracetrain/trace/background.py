@@ -18,16 +18,17 @@ class Flush:
         self.residual = residual
 
 
-STOP = object()
+STOP = object()  # the last item of the writer's queue: commit what is left, then end
 
 
 def wait(future: Future[None] | None) -> None:
+    """Wait for a commit (and raise what it raised); None: nothing to wait for."""
     if future is not None:
         future.result()
 
 
 def noop() -> None:
-    pass
+    """A commit that does nothing: it ends after every commit submitted before it."""
 
 
 def yield_cpu() -> None:

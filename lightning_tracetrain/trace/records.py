@@ -1,4 +1,5 @@
-"""One optimizer step as the writer receives it, and the trace's rows for a run of such steps."""
+"""One optimizer step as the writer receives it, the trace's rows for a run of such steps, and the example
+rows a step collects from its batches before it is recorded."""
 
 from __future__ import annotations
 

@@ -28,3 +28,11 @@ def class_share(scores: Tensor, labels: Tensor, predicted: Tensor) -> float:
     positive = scores.clamp_min(0)
     own = torch.stack([positive[q, labels == c].sum() for q, c in enumerate(predicted.tolist())])
     return float((own / positive.sum(1).clamp_min(1e-30)).mean())
+
+
+def spearman(a: Tensor, b: Tensor) -> float:
+    """Spearman rank correlation of two 1-d tensors (ties broken by position): how well one ranking keeps
+    another, e.g. the per-step gamma of a lossy trace against a lossless one."""
+    ra, rb = (x.double().argsort().argsort().double() for x in (a, b))
+    ra, rb = ra - ra.mean(), rb - rb.mean()
+    return float((ra * rb).sum() / (ra.norm() * rb.norm()).clamp_min(1e-300))
