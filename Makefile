@@ -10,7 +10,9 @@ $(STAMP): pyproject.toml
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "Python 3.11 is required (set PYTHON=/path/to/python3.11)"; exit 1; }
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	$(BIN)/python -m pip install --quiet -e ".[dev,eval]"
+	# quanda pins captum<0.9 (numpy<2), which zarr 3.1 cannot use; it runs with captum 0.9 (tests/test_quanda.py)
+	$(BIN)/python -m pip install --quiet --no-deps "quanda==0.5.0"
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -23,6 +23,7 @@ LEVELS = {
     "baselines": 3,
     "explain": 4,
     "lightning_cli": 4,
+    "quanda": 5,  # the optional quanda adapter: never imported by the rest of the package
     "workloads": 5,
     "commands": 6,
     "__main__": 7,
