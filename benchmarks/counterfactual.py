@@ -23,9 +23,7 @@ ours / TracIn over the queries.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import statistics
 import tempfile
 import time
@@ -41,7 +39,7 @@ from lightning_tracetrain.batch import batch_field, batch_inputs
 from lightning_tracetrain.explain import Explainer, example_attribution
 from lightning_tracetrain.functional import real_cross_entropy
 from lightning_tracetrain.workloads.config import build
-from lightning_tracetrain.workloads.runs import batches, single_batches, train_traced, trainer
+from lightning_tracetrain.workloads.runs import batches, single_batches, train_traced, trainer, write_result
 
 
 def parser() -> argparse.ArgumentParser:
@@ -137,12 +135,8 @@ def main() -> None:
         "retrain_without_removal_max_difference": reproducible,
         "seconds": time.perf_counter() - started,
         "layers": result_layers,
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__},
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2))
-    print(markdown(result))
-    print(f"wrote {args.out}")
+    write_result(args.out, result, markdown(result))
 
 
 def markdown(result: dict[str, Any]) -> str:

@@ -22,9 +22,7 @@ Writes a JSON result and prints the Markdown table of the README.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import tempfile
 import time
 from pathlib import Path
@@ -38,7 +36,7 @@ from lightning_tracetrain.explain.attribution import LayerAttribution, ridge_den
 from lightning_tracetrain.trace import Trace
 from lightning_tracetrain.workloads.config import build
 from lightning_tracetrain.workloads.metrics import spearman
-from lightning_tracetrain.workloads.runs import single_batches, storage_ratios, trace_modes
+from lightning_tracetrain.workloads.runs import single_batches, storage_ratios, trace_modes, write_result
 
 GRID = torch.linspace(-1, 1, 201)
 
@@ -142,12 +140,8 @@ def main() -> None:
         "train_and_record_s": train_s,
         "lossless": {"stored_over_float32": storage["lossless"]["stored_over_float32"], "explain_s": exact_s},
         "modes": rows,
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__},
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2))
-    print(markdown(result))
-    print(f"wrote {args.out}")
+    write_result(args.out, result, markdown(result))
 
 
 def _flags(args: argparse.Namespace) -> dict[str, str]:

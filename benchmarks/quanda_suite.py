@@ -23,9 +23,7 @@ our explainer refuses a randomized model: the table says so instead of a number.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import re
 import tempfile
 import time
@@ -36,7 +34,7 @@ import lightning.pytorch as pl
 import torch
 
 from lightning_tracetrain.exceptions import TraceMismatchError
-from lightning_tracetrain.workloads.runs import train_traced
+from lightning_tracetrain.workloads.runs import train_traced, write_result
 
 
 def parser() -> argparse.ArgumentParser:
@@ -155,12 +153,8 @@ def main() -> None:
         "first_epoch_steps": warmup,
         "seconds": time.perf_counter() - started,
         "methods": rows,
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__},
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2))
-    print(markdown(result))
-    print(f"wrote {args.out}")
+    write_result(args.out, result, markdown(result))
 
 
 if __name__ == "__main__":

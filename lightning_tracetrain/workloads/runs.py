@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -64,3 +65,17 @@ def batches(dataset: Any, ids: Sequence[int] | None = None, size: int = 256) -> 
     ids = list(range(len(dataset))) if ids is None else list(ids)
     collate = loader_class(dataset)(dataset).collate_fn
     return [collate([dataset[i] for i in ids[s : s + size]]) for s in range(0, len(ids), size)]
+
+
+def write_result(out: Path, result: dict[str, Any], table: str) -> None:
+    """A benchmark's result: the machine added, written as JSON to ``out``, its Markdown ``table`` printed."""
+    import os
+    import platform
+
+    import torch
+
+    machine = {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({**result, "machine": machine}, indent=2))
+    print(table)
+    print(f"wrote {out}")
