@@ -24,6 +24,7 @@ from lightning_tracetrain.exceptions import (
     TraceMismatchError,
     TraceTrainError,
     TraceWriteError,
+    UnknownConfigError,
     UnknownLayerError,
     UntrustedCodeError,
 )
@@ -59,6 +60,7 @@ __all__ = [
     "TraceMismatchError",
     "TraceTrainError",
     "TraceWriteError",
+    "UnknownConfigError",
     "UnknownLayerError",
     "UntrustedCodeError",
     "__version__",

@@ -51,3 +51,7 @@ class TraceWriteError(TraceTrainError, OSError):
 
 class UntrustedCodeError(TraceTrainError, PermissionError):
     """A trace or checkpoint asks to import or unpickle code that the user has not said to trust."""
+
+
+class UnknownConfigError(TraceTrainError, FileNotFoundError):
+    """A workload config (``configs/NAME.yaml`` or a path) that does not exist; the message lists the configs."""

@@ -56,3 +56,11 @@ def test_an_optimizer_that_cannot_be_factored_is_said_so(tmp_path):
     plan = main(["--config", str(config), "--max-steps", "6", "--measure-steps", "2", "--dirpath", str(tmp_path)])
     assert plan.steps == 6 and plan.dirpath == str(tmp_path)
     assert "needs plain SGD" in plan.modes["factored"].unavailable and "n/a" in plan.markdown()
+
+
+def test_an_unknown_config_is_one_error_line_listing_the_configs(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--config", "nope"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "No workload config" in err and "digits_factored" in err
+    assert "unexpected" not in err

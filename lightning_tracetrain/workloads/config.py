@@ -13,6 +13,7 @@ from typing import Any
 import lightning.pytorch as pl
 import yaml
 
+from lightning_tracetrain.exceptions import UnknownConfigError
 from lightning_tracetrain.explain.loading import Trust, import_class
 from lightning_tracetrain.trace import ClassSpec
 
@@ -26,7 +27,7 @@ def config_path(name: str | Path) -> Path:
         path = CONFIGS / f"{name}.yaml"
     if not path.is_file():
         known = ", ".join(sorted(p.stem for p in CONFIGS.glob("*.yaml"))) or f"none in {CONFIGS}"
-        raise FileNotFoundError(f"No workload config {path}; the configs are: {known}.")
+        raise UnknownConfigError(f"No workload config {path}; the configs are: {known}.")
     return path
 
 
