@@ -3,9 +3,10 @@
 The digits workload of configs/digits.yaml is trained once with tracing; the
 same model, training set and test digits go to every method:
 
-- ours, per traced layer, with Algorithm 1's ``gamma`` and ``cosine`` scores, and
-  ``gamma`` without the first epoch's steps (``warmup_steps``, the remedy for the
-  top-k cardinality problem), through :class:`lightning_tracetrain.quanda.TraceExplainer`;
+- ours, per traced layer, with Algorithm 1's ``gamma`` and ``cosine`` scores, and two
+  remedies for the top-k cardinality problem: ``gamma`` with each step divided by its
+  mean size over the queries (``per_step="contrast"``) and ``gamma`` without the first
+  epoch's steps (``warmup_steps``), through :class:`lightning_tracetrain.quanda.TraceExplainer`;
 - quanda's ``CaptumTracInCP`` (the final checkpoint, all layers), ``TRAK`` (basic
   projector, CPU) and ``RepresenterPoints`` (features ``net.relu3``, classifier ``net.fc2``).
 
@@ -60,6 +61,9 @@ def methods(trace: Any, ckpt: str, cache: str, warmup: int) -> dict[str, tuple[t
     for layer in trace.layers:
         for score in ("gamma", "cosine"):
             out[f"ours {layer} {score}"] = (TraceExplainer, {"trace": trace, "layer": layer, "score": score})
+        out[f"ours {layer} gamma, per-step contrast"] = (
+            TraceExplainer, {"trace": trace, "layer": layer, "score": "gamma", "per_step": "contrast"},
+        )  # fmt: skip
         out[f"ours {layer} gamma, first epoch left out"] = (
             TraceExplainer, {"trace": trace, "layer": layer, "score": "gamma", "warmup_steps": warmup},
         )  # fmt: skip
@@ -181,7 +185,7 @@ def main() -> None:
         noisy = noisy_run(args, Path(tmp))
         noisy["cache"] = str(Path(tmp) / "noisy-cache")
         for name, (cls, kwargs) in methods(noisy["trace"], noisy["ckpt"], noisy["cache"], warmup).items():
-            if "error" not in rows[name] and "first epoch" not in name:
+            if "error" not in rows[name] and "first epoch" not in name and "contrast" not in name:
                 pl.seed_everything(0, verbose=False)
                 rows[name]["mislabel_detection_auc"] = mislabel_detection(cls, kwargs, noisy)
                 print(name, "mislabel detection", rows[name]["mislabel_detection_auc"], flush=True)

@@ -8,9 +8,12 @@ step's real examples, ``score="cosine"`` gives each example the steps' cosines. 
 method explains a layer's representation, not one class's output, so ``targets``
 do not change the scores.
 
-``warmup_steps`` is the remedy for the top-k cardinality problem (the same few
-examples top every query because the large updates of the first steps dominate):
-the first steps are left out of the example scores. It is an option, off by default.
+Two options address the top-k cardinality problem (the same few examples top
+every query because the large updates of the first steps dominate), both off by
+default: ``warmup_steps`` leaves the first steps out of the example scores, and
+``per_step="contrast"`` divides each step's score by its mean magnitude over the
+queries of the call, so a step counts by how much more it built this query's
+representation than the others' (explain a batch of queries together).
 
 quanda 0.5.0 pins ``captum<0.9``, which needs ``numpy<2``, which zarr 3.1 cannot use;
 it runs with captum 0.9, so install it without its pins (README, "Judged by quanda")::
@@ -43,6 +46,8 @@ class TraceExplainer(QuandaExplainer):
         layer: The traced layer whose pre-activation is explained.
         score: ``"gamma"`` (default) or ``"cosine"`` (Algorithm 1's two rankings).
         warmup_steps: Leave the first this many steps out of the scores (default 0: all steps).
+        per_step: ``"contrast"``: each step's score over its mean absolute score across the call's queries;
+            ``None`` (default): as computed.
 
     Example:
         >>> from quanda.metrics.heuristics import TopKCardinalityMetric  # doctest: +SKIP
@@ -61,10 +66,13 @@ class TraceExplainer(QuandaExplainer):
         layer: str,
         score: Score = "gamma",
         warmup_steps: int = 0,
+        per_step: Literal["contrast"] | None = None,
         **kwargs: Any,
     ) -> None:
         if score not in ("gamma", "cosine"):
             raise ValueError(f"Unknown score {score!r}: use 'gamma' or 'cosine'.")
+        if per_step not in (None, "contrast"):
+            raise ValueError(f"Unknown per_step {per_step!r}: use None or 'contrast'.")
         super().__init__(model=model, train_dataset=train_dataset, **kwargs)
         self.trace = trace if isinstance(trace, Trace) else Trace(trace)
         self.layer = self.trace.layer(layer).name  # an unknown layer: the error lists the traced ones
@@ -73,7 +81,7 @@ class TraceExplainer(QuandaExplainer):
                 f"warmup_steps must be between 0 and {self.trace.num_steps - 1} (the trace's steps), "
                 f"got {warmup_steps}."
             )
-        self.score, self.warmup_steps = score, warmup_steps
+        self.score, self.warmup_steps, self.per_step = score, warmup_steps, per_step
         self.explainer = Explainer(model, self.trace, layers=[self.layer], norms=score == "cosine")
 
     def explain(self, test_data: Tensor, targets: Any = None) -> Tensor:
@@ -82,7 +90,10 @@ class TraceExplainer(QuandaExplainer):
         result = self.explainer.explain(queries)[self.layer]
         steps = (result.gamma if self.score == "gamma" else result.cos).clone()
         steps[:, : self.warmup_steps] = 0.0
-        rows = result.rows.clone() if self.score == "gamma" and result.rows is not None else None
+        if self.per_step == "contrast":
+            steps = steps / steps.abs().mean(0, keepdim=True).clamp_min(torch.finfo(steps.dtype).tiny)
+        exact = self.score == "gamma" and result.rows is not None and self.per_step is None
+        rows = result.rows.clone() if exact else None
         if rows is not None and self.warmup_steps:  # a factored layer: each row's exact share
             rows[:, : int(self.trace.steps.example_stop[self.warmup_steps - 1])] = 0.0
         scores, _ = example_attribution(

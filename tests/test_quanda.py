@@ -53,6 +53,11 @@ def test_the_adapter_gives_algorithm_1_scores_for_every_training_example(run):
     gamma[:, :5] = 0.0  # the remedy: the first steps are left out
     expected, _ = example_attribution(trace.steps, trace.examples, gamma, trace.num_steps)
     torch.testing.assert_close(late, expected.float())
+    contrast = TraceExplainer(model, train, trace, layer="fc", per_step="contrast").explain(test_x)
+    gamma = Explainer(model, trace, layers=["fc"]).explain([{"x": x[None]} for x in test_x])["fc"].gamma
+    gamma = gamma / gamma.abs().mean(0, keepdim=True)  # each step over its mean size across the queries
+    expected, _ = example_attribution(trace.steps, trace.examples, gamma, trace.num_steps)
+    torch.testing.assert_close(contrast, expected.float())
 
 
 def test_quanda_metrics_judge_the_adapter(run):
@@ -78,6 +83,8 @@ def test_bad_arguments_are_named(run):
     model, train, trace = run
     with pytest.raises(ValueError, match="'gamma' or 'cosine'"):
         TraceExplainer(model, train, trace, layer="fc", score="tracin")
+    with pytest.raises(ValueError, match="use None or 'contrast'"):
+        TraceExplainer(model, train, trace, layer="fc", per_step="zscore")
     with pytest.raises(ValueError, match="warmup_steps must be between 0 and"):
         TraceExplainer(model, train, trace, layer="fc", warmup_steps=trace.num_steps)
     with pytest.raises(Exception, match="Traced layers: conv, fc, head"):
