@@ -18,13 +18,13 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from lightning_tracetrain import functional as Fx
 from lightning_tracetrain.exceptions import TraceBusyError
 from lightning_tracetrain.functional import weight_deltas
 from lightning_tracetrain.recording.classes import class_path
 from lightning_tracetrain.recording.factored import FactoredSteps, param_group, to_numpy
 from lightning_tracetrain.recording.layers import layer_parameters
 from lightning_tracetrain.recording.lowrank import LowRankSteps, choose_lowrank
+from lightning_tracetrain.recording.space import step_bytes
 from lightning_tracetrain.recording.staging import DeltaStager
 from lightning_tracetrain.trace.codecs import Compressor, make_compressor
 from lightning_tracetrain.trace.lease import Lease
@@ -124,7 +124,7 @@ class TraceRecorder:
             lr_columns=tuple(
                 f"optimizer{i}/group{j}" for i, o in enumerate(optimizers) for j in range(len(o.param_groups))
             ),
-            chunk_steps=opts.chunk_steps or _default_chunk_steps(_step_values(named, lowrank, opts.rank)),
+            chunk_steps=opts.chunk_steps or _default_chunk_steps(sum(step_bytes(layers, mode, opts.rank).values())),
             compressor=None if (c := make_compressor(opts.compressor, mode)) is None else c.to_dict(),
             mode=mode,
             keepbits=opts.keepbits if mode == StorageMode.compact else None,
@@ -312,16 +312,5 @@ class TraceRecorder:
         return self._writer
 
 
-def _step_values(named: Mapping[Param, Tensor], lowrank: Sequence[str], rank: int) -> int:
-    """float32 values one step stores: every parameter's delta, or a low-rank weight's two factors."""
-    total = 0
-    for (layer, param), t in named.items():
-        if param == "weight" and layer in lowrank:
-            total += rank * sum(Fx.matrix_shape(t.shape))
-        else:
-            total += t.numel()
-    return total
-
-
-def _default_chunk_steps(values: int) -> int:
-    return int(max(1, min(256, _CHUNK_BYTES // max(1, 4 * values))))
+def _default_chunk_steps(nbytes: int) -> int:
+    return int(max(1, min(256, _CHUNK_BYTES // max(1, nbytes))))

@@ -21,6 +21,7 @@ from torch import nn
 
 from lightning_tracetrain import functional as Fx
 from lightning_tracetrain.recording.layers import layer_parameters
+from lightning_tracetrain.recording.lowrank import choose_lowrank
 from lightning_tracetrain.trace import StorageMode
 from lightning_tracetrain.trace.store import is_url
 from lightning_tracetrain.trace.summary import format_bytes
@@ -32,11 +33,12 @@ COMPACT_SHARE = 0.25  # storage="compact" stores about a quarter of float32
 def step_bytes(layers: Mapping[str, nn.Module], mode: str, rank: int = 8) -> dict[str, int]:
     """float32 bytes one step stores per layer: every parameter's delta, or under ``lowrank`` a chosen weight's
     two factors (``rank * (out + in * kernel)`` values) in place of its delta."""
+    chosen = choose_lowrank({n: m.weight.shape for n, m in layers.items()}, rank) if mode == StorageMode.lowrank else ()
     out = {}
     for name, module in layers.items():
         total = 0
         for param, t in layer_parameters(module).items():
-            lowrank = mode == StorageMode.lowrank and param == "weight" and Fx.lowrank_pays(t.shape, rank)
+            lowrank = param == "weight" and name in chosen
             total += rank * sum(Fx.matrix_shape(t.shape)) if lowrank else t.numel()
         out[name] = 4 * total
     return out
