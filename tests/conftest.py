@@ -177,6 +177,21 @@ def replay_error_feedback(deltas: Tensor, keepbits: int) -> Tensor:
     return torch.from_numpy(np.stack(out))
 
 
+def replay_power_steps(deltas: Tensor, rank: int) -> tuple[Tensor, Tensor]:
+    """What ``storage="lowrank"`` stores for exact ``deltas`` of one weight (steps first): one warm-started power
+    iteration per step from the recorder's seeded first Q, as ``(P, Q)`` stacked over the steps."""
+    from lightning_tracetrain import functional as Fx
+    from lightning_tracetrain.recording.lowrank import SEED
+
+    q = torch.randn(Fx.matrix_shape(deltas.shape[1:])[1], rank, generator=torch.Generator().manual_seed(SEED))
+    ps, qs = [], []
+    for delta in deltas:
+        p, q = Fx.power_step(delta.reshape(Fx.matrix_shape(delta.shape)), q)
+        ps.append(p)
+        qs.append(q)
+    return torch.stack(ps), torch.stack(qs)
+
+
 def assert_reconstructs(trace: Any, module: nn.Module, atol: float = 1e-5) -> None:
     """For every traced layer: initial + sum of deltas equals the module's current weights."""
     modules = dict(module.named_modules())

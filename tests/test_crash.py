@@ -10,11 +10,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import assert_matches_snapshots, committed, finish, kill, replay_error_feedback, start_run
+from conftest import (
+    assert_matches_snapshots,
+    committed,
+    finish,
+    kill,
+    replay_error_feedback,
+    replay_power_steps,
+    start_run,
+)
 
 from lightning_tracetrain import Trace
-from lightning_tracetrain import functional as Fx
-from lightning_tracetrain.recording.lowrank import SEED
 from lightning_tracetrain.trace.lease import lease_path
 
 pytestmark = pytest.mark.slow
@@ -113,10 +119,9 @@ def _assert_lowrank_steps(trace: Trace, snapshots: dict[int, dict[str, torch.Ten
             exact = torch.stack([snapshots[k + 1][key] - snapshots[k][key] for k in range(last)])
             assert torch.equal(stored, exact), key
     factors = trace.read_chunk("fc")[1]
-    q = torch.randn(144, trace.spec.rank, generator=torch.Generator().manual_seed(SEED))
-    for k in range(last):
-        p, q = Fx.power_step(snapshots[k + 1]["fc.weight"] - snapshots[k]["fc.weight"], q)
-        assert torch.equal(factors.p[k], p) and torch.equal(factors.q[k], q), k
+    exact = torch.stack([snapshots[k + 1]["fc.weight"] - snapshots[k]["fc.weight"] for k in range(last)])
+    p, q = replay_power_steps(exact, trace.spec.rank)
+    assert torch.equal(factors.p, p) and torch.equal(factors.q, q)
     assert trace.residual("fc")[0] == last
     torch.testing.assert_close(trace.final("fc")["weight"], snapshots[last]["fc.weight"], atol=1e-6, rtol=1e-6)
 

@@ -34,13 +34,13 @@ from conftest import (
     image_loader,
     quiet_trainer,
     replay_error_feedback,
+    replay_power_steps,
 )
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from lightning_tracetrain import StorageMode, Trace, TraceCallback
 from lightning_tracetrain import functional as Fx
 from lightning_tracetrain.explain import Explainer
-from lightning_tracetrain.recording.lowrank import SEED
 
 KEEPBITS = 4
 RANK = 2
@@ -52,11 +52,9 @@ def assert_lowrank_replays(trace: Trace, exact: Trace, final: dict[str, torch.Te
     steps, _ = trace.residual("conv")
     assert steps == trace.num_steps
     for layer in trace.spec.lowrank:
-        deltas, stored = exact.deltas(layer)["weight"], trace.read_chunk(layer)[1]
-        q = torch.randn(*Fx.matrix_shape(deltas.shape[1:])[1:], RANK, generator=torch.Generator().manual_seed(SEED))
-        for t, delta in enumerate(deltas):
-            p, q = Fx.power_step(delta.reshape(Fx.matrix_shape(delta.shape)), q)
-            assert torch.equal(stored.p[t], p) and torch.equal(stored.q[t], q), (layer, t)
+        stored = trace.read_chunk(layer)[1]
+        p, q = replay_power_steps(exact.deltas(layer)["weight"], RANK)
+        assert torch.equal(stored.p, p) and torch.equal(stored.q, q), layer
         torch.testing.assert_close(trace.final(layer)["weight"], final[f"{layer}.weight"], atol=1e-6, rtol=1e-6)
 
 
