@@ -76,7 +76,7 @@ class LowRankSteps:
         out = []
         for i, (w, before) in enumerate(zip(self._weights, self._before, strict=True)):
             shape = Fx.matrix_shape(w.shape)
-            delta = torch.sub(w.detach(), before).reshape(shape)  # float32: before is
+            delta = torch.sub(w.detach(), before).reshape(shape)  # float32, as before is
             residual = self._residual[i].view(shape)
             if self._feedback:
                 delta.add_(residual)  # the step plus what earlier products missed

@@ -161,16 +161,15 @@ class Trace:
         nothing is rebuilt)."""
         start, stop = self._bounds(start, stop)
         name = self.layer(layer).name
-        factored, lowrank = self.spec.is_factored(name), self.spec.is_lowrank(name)
         deltas = {
             p: self._read(schema.delta_path(layer, p), slice(start, stop))
             for p in self.layer(layer).params
-            if not ((factored or lowrank) and p == "weight")
+            if self.spec.has_deltas(name, p)
         }
-        if lowrank:
+        if self.spec.is_lowrank(name):
             p, q = (self._read(schema.lowrank_path(layer, s), slice(start, stop)) for s in ("out", "in"))
             return deltas, LowRankFactors(p, q, self.layer(layer).params["weight"])
-        return deltas, (self.factors(layer, start, stop) if factored else None)
+        return deltas, (self.factors(layer, start, stop) if self.spec.is_factored(name) else None)
 
     def residual(self, layer: str) -> tuple[int, dict[str, Tensor]]:
         """``storage="lowrank"``: what the stored steps of a layer lack after the returned number of steps.

@@ -163,14 +163,13 @@ class TraceSpec:
     def with_lowrank(self, layers: tuple[str, ...]) -> TraceSpec:
         return replace(self, lowrank=tuple(layers))
 
+    def has_deltas(self, layer: str, param: str) -> bool:
+        """Whether a parameter is stored as per-step deltas (a factored or low-rank weight is stored as factors)."""
+        return not (param == "weight" and (self.is_factored(layer) or self.is_lowrank(layer)))
+
     def dense_params(self) -> list[tuple[str, str]]:
         """``(layer, param)`` of every parameter stored as per-step deltas, in layer order."""
-        return [
-            (lay.name, p)
-            for lay in self.layers
-            for p in lay.params
-            if not (p == "weight" and (self.is_factored(lay.name) or self.is_lowrank(lay.name)))
-        ]
+        return [(lay.name, p) for lay in self.layers for p in lay.params if self.has_deltas(lay.name, p)]
 
     def step_value_paths(self) -> list[str]:
         """The arrays holding one row of values per step, in the order a staged step concatenates them:

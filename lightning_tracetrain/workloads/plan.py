@@ -208,15 +208,15 @@ def _measure(
     out = {}
     for mode in modes:
         trace = Trace(folder / mode)
-        out[mode] = ModePlan({name: _chunk_bytes(folder / mode, name) / trace.num_steps for name in trace.layers})
+        out[mode] = ModePlan({name: _chunk_bytes(trace, name) / trace.num_steps for name in trace.layers})
     return out
 
 
-def _chunk_bytes(trace: Path, layer: str) -> int:
-    """Bytes of a layer's stored steps (deltas, factors or products): its chunk files, without the metadata
-    documents, the initial weights and the residual, which do not grow with the steps."""
-    steps = [trace / "layers" / layer / kind for kind in ("delta", "factor", "lowrank")]
-    return sum(f.stat().st_size for folder in steps for f in folder.rglob("*") if f.is_file() and "c" in f.parts)
+def _chunk_bytes(trace: Trace, layer: str) -> int:
+    """Bytes of a layer's stored steps (deltas, factors or products): the chunk files of its step-axis arrays,
+    without their metadata documents (the initial weights and the residual do not grow with the steps)."""
+    arrays = [Path(trace.path, p) for p in trace.spec.step_axis_paths() if p.startswith(f"layers/{layer}/")]
+    return sum(f.stat().st_size for folder in arrays for f in (folder / "c").rglob("*") if f.is_file())
 
 
 def _read_speed(trace: Trace, seconds: float = 0.3) -> float:
