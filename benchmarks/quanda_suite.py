@@ -17,16 +17,28 @@ distinct examples among all queries' top 5), model randomization
 of a randomized model; lower is better) and, on a second run with 10% of the
 training labels flipped, mislabel detection (``MislabelingDetectionMetric``: the
 area under the curve of flipped labels found when examples are checked in order
-of self-influence; 0.5 is chance). A trace belongs to the trained weights, so
-our explainer refuses a randomized model: the table says so instead of a number.
+of self-influence; 0.5 is chance; ours also with ``self_influence="opposed"``),
+on a third run where half of one class's training images carry a bright 2x2
+patch, shortcut detection (``ShortcutDetectionMetric``: for patched test digits of
+other classes that the model now assigns to the patched class, the area under the
+precision-recall curve of the patched training images in the explanation; chance
+is their share of the training set), and the linear datamodeling score
+(``LinearDatamodelingMetric``: the model retrained from the same initialization on
+``--subsets`` random halves of the training set; per query, the Spearman
+correlation over the subsets between the sum of a method's scores over a subset
+and the retrained model's logit margin for the query's true class; its mean over
+the queries with a bootstrap 95% interval). A trace belongs to the trained
+weights, so our explainer refuses a randomized model: the table says so instead
+of a number.
 
     pip install --no-deps quanda==0.5.0   # quanda's pins clash with zarr's numpy; `make test` installs it
-    python benchmarks/quanda_suite.py [--epochs 10] [--queries 100]
+    python benchmarks/quanda_suite.py [--epochs 10] [--queries 100] [--subsets 250]
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import re
 import tempfile
@@ -36,9 +48,16 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from torch import Tensor
+from torch.utils.data import Subset
 
+from lightning_tracetrain.batch import IndexedDataset
 from lightning_tracetrain.exceptions import TraceMismatchError
-from lightning_tracetrain.workloads.runs import train_traced, write_result
+from lightning_tracetrain.workloads.config import build
+from lightning_tracetrain.workloads.data.base import paint_patch
+from lightning_tracetrain.workloads.runs import train_traced, trainer, write_result
+
+SHORTCUT_CLASS = 6  # half of its training images carry the patch in the shortcut run
 
 
 def parser() -> argparse.ArgumentParser:
@@ -47,6 +66,7 @@ def parser() -> argparse.ArgumentParser:
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--queries", type=int, default=100)
     parser.add_argument("--top-k", type=int, default=5)
+    parser.add_argument("--subsets", type=int, default=250, help="random halves retrained for LDS (0: no LDS)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/quanda_digits_cpu.json"))
     return parser
 
@@ -80,16 +100,23 @@ def methods(trace: Any, ckpt: str, cache: str, warmup: int) -> dict[str, tuple[t
 
 
 def evaluate(name: str, cls: type, kwargs: dict[str, Any], env: dict[str, Any], top_k: int) -> dict[str, Any]:
+    """Identical class, top-k cardinality and model randomization of one method; its scores for the true labels
+    (what LDS reads) under ``"scores_for_labels"``."""
     from quanda.metrics.downstream_eval import ClassDetectionMetric
     from quanda.metrics.heuristics import ModelRandomizationMetric, TopKCardinalityMetric
+
+    from lightning_tracetrain.quanda import TraceExplainer
 
     model, train, x, targets = env["model"], env["train"], env["x"], env["targets"]
     start = time.perf_counter()
     try:
-        scores = cls(model=model, train_dataset=train, **kwargs).explain(x, targets=targets).detach().cpu()
+        explainer = cls(model=model, train_dataset=train, **kwargs)
+        scores = explainer.explain(x, targets=targets).detach().cpu()
+        # ours does not read targets; the peers explain the true labels' loss for LDS's true-class margin
+        for_labels = scores if cls is TraceExplainer else explainer.explain(x, targets=env["labels"]).detach().cpu()
     except Exception as exc:  # a peer that does not run here: say why instead of a number
         return {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"}
-    row: dict[str, Any] = {"seconds": time.perf_counter() - start}
+    row: dict[str, Any] = {"seconds": time.perf_counter() - start, "scores_for_labels": for_labels}
     detection = ClassDetectionMetric(model, train, s=1)
     detection.update(scores, test_targets=targets)
     row["identical_class"] = float(detection.compute()["score"])
@@ -111,23 +138,30 @@ def evaluate(name: str, cls: type, kwargs: dict[str, Any], env: dict[str, Any], 
     return row
 
 
+def _number(value: Any, digits: int) -> str:
+    return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
+
+
 def markdown(result: dict[str, Any]) -> str:
     lines = [
         f"| method | identical class (top-1) | top-{result['top_k']} cardinality | model randomization (Spearman, "
-        "lower is better) | mislabel detection (AUC) | seconds |",
-        "|---|---|---|---|---|---|",
+        "lower is better) | mislabel detection (AUC) | shortcut detection (AUPRC) | LDS (Spearman, 95% CI) "
+        "| seconds |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for name, row in result["methods"].items():
         if "error" in row:
-            lines.append(f"| {name} | n/a | n/a | n/a | n/a | {row['error']} |")
+            lines.append(f"| {name} | n/a | n/a | n/a | n/a | n/a | n/a | {row['error']} |")
             continue
-        mr = row["model_randomization"]
-        mr = f"{mr:.3f}" if isinstance(mr, float) else mr
-        auc = row.get("mislabel_detection_auc", "not run")
-        auc = f"{auc:.3f}" if isinstance(auc, float) else auc
+        auc = _number(row.get("mislabel_detection_auc", "not run"), 3)
+        if "mislabel_detection_auc_opposed" in row:
+            auc += f" (opposed: {_number(row['mislabel_detection_auc_opposed'], 3)})"
+        lds = row.get("lds", "not run")
+        lds = f"{lds['mean']:.3f} [{lds['ci95'][0]:.3f}, {lds['ci95'][1]:.3f}]" if isinstance(lds, dict) else lds
         lines.append(
-            f"| {name} | {row['identical_class']:.2f} | {row['top_k_cardinality']:.2f} | {mr} | {auc} "
-            f"| {row['seconds']:.1f} |"
+            f"| {name} | {row['identical_class']:.2f} | {row['top_k_cardinality']:.2f} "
+            f"| {_number(row['model_randomization'], 3)} | {auc} | {_number(row.get('shortcut_auprc', 'not run'), 3)} "
+            f"| {lds} | {row['seconds']:.1f} |"
         )
     return "\n".join(lines)
 
@@ -146,56 +180,149 @@ def mislabel_detection(cls: type, kwargs: dict[str, Any], env: dict[str, Any]) -
         return f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]}"
 
 
+def shortcut_detection(cls: type, kwargs: dict[str, Any], env: dict[str, Any]) -> float | str:
+    """quanda's shortcut-detection AUPRC of a method on the shortcut run's patched queries."""
+    from quanda.metrics.downstream_eval import ShortcutDetectionMetric
+
+    try:
+        scores = cls(model=env["model"], train_dataset=env["train"], **kwargs).explain(env["x"], targets=env["targets"])
+        metric = ShortcutDetectionMetric(
+            env["model"], env["train"], shortcut_indices=env["shortcut_ids"], shortcut_cls=SHORTCUT_CLASS,
+            checkpoints=[env["ckpt"]],
+        )  # fmt: skip
+        metric.update(scores.detach().cpu(), test_data=env["x"], test_labels=env["labels"])
+        return float(metric.compute()["score"])
+    except Exception as exc:  # a peer that does not run here: say why instead of a number
+        return f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]}"
+
+
 def _own(kwargs: dict[str, Any]) -> dict[str, Any]:
     """A method's arguments for a quanda metric that builds the explainer itself (it passes the checkpoints)."""
     return {k: v for k, v in kwargs.items() if k != "checkpoints"}
 
 
-def noisy_run(args: argparse.Namespace, folder: Path) -> dict[str, Any]:
-    """The digits workload trained with 10% of its training labels flipped, traced: what mislabel detection needs."""
-    model, datamodule, trace = train_traced("digits", folder / "noisy-trace", args.epochs, data={"label_noise": 0.1})
-    ckpt = str(folder / "noisy.pt")
+def traced_run(args: argparse.Namespace, folder: Path, name: str, data: dict[str, Any]) -> dict[str, Any]:
+    """The digits workload with ``data`` overrides, traced, and its final weights saved for quanda."""
+    model, datamodule, trace = train_traced("digits", folder / f"{name}-trace", args.epochs, data=data)
+    ckpt = str(folder / f"{name}.pt")
     torch.save(model.state_dict(), ckpt)
-    train = datamodule.train_dataset.dataset  # the flipped labels, as the model was trained on them
-    return {"model": model, "train": train, "flipped": datamodule.flipped.tolist(), "ckpt": ckpt, "trace": trace}
+    train = datamodule.train_dataset.dataset  # (x, y) pairs as the model was trained on them, as quanda reads them
+    cache = folder / f"{name}-cache"
+    cache.mkdir()
+    return {"model": model, "datamodule": datamodule, "train": train, "ckpt": ckpt, "trace": trace, "cache": str(cache)}
+
+
+def shortcut_queries(env: dict[str, Any], limit: int) -> dict[str, Any]:
+    """Test digits of the other classes with the patch painted on that the model now assigns to the patched class."""
+    x, y = env["datamodule"].test_dataset.dataset.tensors
+    painted, labels = paint_patch(x[y != SHORTCUT_CLASS]), y[y != SHORTCUT_CLASS]
+    with torch.no_grad():
+        predicted = env["model"](painted).argmax(1)
+    fooled = predicted == SHORTCUT_CLASS
+    env["shortcut_ids"] = env["datamodule"].shortcut_ids.tolist()
+    env["fooled_share"] = float(fooled.float().mean())
+    env |= {"x": painted[fooled][:limit], "labels": labels[fooled][:limit], "targets": predicted[fooled][:limit]}
+    return env
+
+
+def lds_subsets(args: argparse.Namespace, env: dict[str, Any], folder: Path) -> dict[str, Any]:
+    """The digits model retrained from the same initialization on ``--subsets`` random halves of the training
+    set (single-class batches of the half): the subsets, their checkpoints and their logits for the queries."""
+    n = len(env["train"])
+    g = torch.Generator().manual_seed(0)
+    ids = [torch.randperm(n, generator=g)[: n // 2].sort().values.tolist() for _ in range(args.subsets)]
+    folder.mkdir()
+    files, logits, start = [], {}, time.perf_counter()
+    for s, subset in enumerate(ids):
+        pl.seed_everything(0, verbose=False)
+        model, datamodule = build("digits", data={"seed": 0})
+        datamodule.setup("fit")
+        datamodule.train_dataset = IndexedDataset(Subset(datamodule.train_dataset.dataset, subset))
+        trainer(args.epochs).fit(model, datamodule)
+        files.append(str(folder / f"subset_{s}.pt"))
+        torch.save(model.state_dict(), files[-1])
+        with torch.no_grad():
+            logits[s] = model.eval()(env["x"])
+        if (s + 1) % 50 == 0 or s + 1 == len(ids):
+            print(f"LDS: {s + 1}/{len(ids)} subsets retrained, {time.perf_counter() - start:.0f} s", flush=True)
+    return {"ids": ids, "files": files, "logits": logits, "seconds": time.perf_counter() - start}
+
+
+def lds(scores: Tensor, env: dict[str, Any], subsets: dict[str, Any]) -> dict[str, Any]:
+    """quanda's linear datamodeling score of ``scores`` (queries x training examples) over the retrained subsets:
+    the mean over the queries of each query's Spearman correlation, and a bootstrap 95% interval over queries."""
+    from quanda.metrics.ground_truth import LinearDatamodelingMetric
+
+    metric = LinearDatamodelingMetric(
+        model=env["model"], train_dataset=env["train"], m=len(subsets["ids"]), alpha=0.5, checkpoints=[env["ckpt"]],
+        subset_ids=subsets["ids"], subset_ckpt_filenames=subsets["files"], cache_dir=env["cache"],
+    )  # fmt: skip
+    metric.update(scores, test_targets=env["labels"], test_data=env["x"], subset_logits=subsets["logits"])
+    per_query = torch.cat(metric.state_dict()["scores"]).float()
+    per_query = per_query[per_query.isfinite()]  # a query whose scores are all equal has no rank correlation
+    g = torch.Generator().manual_seed(0)
+    means = per_query[torch.randint(len(per_query), (2000, len(per_query)), generator=g)].mean(1)
+    low, high = means.quantile(torch.tensor([0.025, 0.975])).tolist()
+    return {"mean": float(per_query.mean()), "ci95": [low, high], "queries": len(per_query)}
 
 
 def main() -> None:
     args = parser().parse_args()
     os.environ.setdefault("TQDM_DISABLE", "1")  # quanda's wrappers print a progress bar per epoch
+    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)  # one info line per retrained subset
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
-        model, datamodule, trace = train_traced("digits", Path(tmp) / "trace", args.epochs)
-        ckpt = str(Path(tmp) / "final.pt")
-        torch.save(model.state_dict(), ckpt)
-        test = datamodule.test_dataset.dataset  # (x, y) pairs, as quanda reads them
-        x = test.tensors[0][: args.queries]
+        folder = Path(tmp)
+        env = traced_run(args, folder, "clean", {})
+        test = env["datamodule"].test_dataset.dataset  # (x, y) pairs, as quanda reads them
+        env["x"], env["labels"] = test.tensors[0][: args.queries], test.tensors[1][: args.queries]
         with torch.no_grad():
-            targets = model(x).argmax(1)
-        env = {"model": model, "train": datamodule.train_dataset.dataset, "x": x, "targets": targets}
-        env |= {"ckpt": ckpt, "cache": str(Path(tmp) / "cache")}
-        Path(env["cache"]).mkdir()
-        warmup = int((trace.steps.epoch == 0).sum())
+            env["targets"] = env["model"](env["x"]).argmax(1)
+        warmup = int((env["trace"].steps.epoch == 0).sum())
         rows = {}
-        for name, (cls, kwargs) in methods(trace, ckpt, env["cache"], warmup).items():
+        for name, (cls, kwargs) in methods(env["trace"], env["ckpt"], env["cache"], warmup).items():
             pl.seed_everything(0, verbose=False)
             rows[name] = evaluate(name, cls, kwargs, env, args.top_k)
-            print(name, rows[name], flush=True)
-        noisy = noisy_run(args, Path(tmp))
-        noisy["cache"] = str(Path(tmp) / "noisy-cache")
+            print(name, {k: v for k, v in rows[name].items() if k != "scores_for_labels"}, flush=True)
+        noisy = traced_run(args, folder, "noisy", {"label_noise": 0.1})
+        noisy["flipped"] = noisy["datamodule"].flipped.tolist()
         for name, (cls, kwargs) in methods(noisy["trace"], noisy["ckpt"], noisy["cache"], warmup).items():
             if "error" not in rows[name] and "first epoch" not in name and "contrast" not in name:
                 pl.seed_everything(0, verbose=False)
                 rows[name]["mislabel_detection_auc"] = mislabel_detection(cls, kwargs, noisy)
+                if name.startswith("ours"):
+                    opposed = {**kwargs, "self_influence": "opposed"}
+                    rows[name]["mislabel_detection_auc_opposed"] = mislabel_detection(cls, opposed, noisy)
                 print(name, "mislabel detection", rows[name]["mislabel_detection_auc"], flush=True)
+        shortcut = shortcut_queries(traced_run(args, folder, "shortcut", {"shortcut": 0.5}), args.queries)
+        for name, (cls, kwargs) in methods(shortcut["trace"], shortcut["ckpt"], shortcut["cache"], warmup).items():
+            if "error" not in rows[name]:
+                pl.seed_everything(0, verbose=False)
+                rows[name]["shortcut_auprc"] = shortcut_detection(cls, kwargs, shortcut)
+                print(name, "shortcut detection", rows[name]["shortcut_auprc"], flush=True)
+        subsets = lds_subsets(args, env, folder / "lds") if args.subsets else None
+        for name, row in rows.items():
+            scores = row.pop("scores_for_labels", None)
+            if subsets is not None and scores is not None:
+                row["lds"] = lds(scores, env, subsets)
+                print(name, "LDS", row["lds"], flush=True)
     result = {
         "benchmark": "quanda's metrics: ours per layer and quanda's wrappers of TracInCP, TRAK, Representer Points",
-        "command": f"python benchmarks/quanda_suite.py --epochs {args.epochs} --queries {args.queries}",
+        "command": f"python benchmarks/quanda_suite.py --epochs {args.epochs} --queries {args.queries} "
+        f"--subsets {args.subsets}",
         "epochs": args.epochs,
         "queries": args.queries,
         "top_k": args.top_k,
         "first_epoch_steps": warmup,
+        "shortcut": {
+            "class": SHORTCUT_CLASS,
+            "painted_training_images": len(shortcut["shortcut_ids"]),
+            "share_of_training_set": len(shortcut["shortcut_ids"]) / len(shortcut["train"]),
+            "painted_test_digits_assigned_to_the_class": shortcut["fooled_share"],
+            "queries": len(shortcut["x"]),
+        },
+        "lds": None if subsets is None else {"subsets": args.subsets, "alpha": 0.5, "seconds": subsets["seconds"]},
         "seconds": time.perf_counter() - started,
         "methods": rows,
     }

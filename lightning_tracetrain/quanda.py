@@ -15,6 +15,12 @@ default: ``warmup_steps`` leaves the first steps out of the example scores, and
 queries of the call, so a step counts by how much more it built this query's
 representation than the others' (explain a batch of queries together).
 
+``self_influence="opposed"`` turns the sign of quanda's self-influence (each
+training example explaining itself), for mislabel detection: the steps that
+trained on a mislabelled example pushed its representation towards the wrong
+class, which the representation it ends with opposes, so its own score is the
+most negative, not the highest.
+
 quanda 0.5.0 pins ``captum<0.9``, which needs ``numpy<2``, which zarr 3.1 cannot use;
 it runs with captum 0.9, so install it without its pins (README, "Judged by quanda")::
 
@@ -48,6 +54,9 @@ class TraceExplainer(QuandaExplainer):
         warmup_steps: Leave the first this many steps out of the scores (default 0: all steps).
         per_step: ``"contrast"``: each step's score over its mean absolute score across the call's queries;
             ``None`` (default): as computed.
+        self_influence: ``"opposed"``: :meth:`self_influence` is minus each example's score for itself, so
+            the examples whose own steps most opposed their final representation come first;
+            ``"score"`` (default): the score itself, as quanda defines self-influence.
 
     Example:
         >>> from quanda.metrics.heuristics import TopKCardinalityMetric  # doctest: +SKIP
@@ -67,12 +76,15 @@ class TraceExplainer(QuandaExplainer):
         score: Score = "gamma",
         warmup_steps: int = 0,
         per_step: Literal["contrast"] | None = None,
+        self_influence: Literal["score", "opposed"] = "score",
         **kwargs: Any,
     ) -> None:
         if score not in ("gamma", "cosine"):
             raise ValueError(f"Unknown score {score!r}: use 'gamma' or 'cosine'.")
         if per_step not in (None, "contrast"):
             raise ValueError(f"Unknown per_step {per_step!r}: use None or 'contrast'.")
+        if self_influence not in ("score", "opposed"):
+            raise ValueError(f"Unknown self_influence {self_influence!r}: use 'score' or 'opposed'.")
         super().__init__(model=model, train_dataset=train_dataset, **kwargs)
         self.trace = trace if isinstance(trace, Trace) else Trace(trace)
         self.layer = self.trace.layer(layer).name  # an unknown layer: the error lists the traced ones
@@ -82,6 +94,7 @@ class TraceExplainer(QuandaExplainer):
                 f"got {warmup_steps}."
             )
         self.score, self.warmup_steps, self.per_step = score, warmup_steps, per_step
+        self.self_influence_sign = -1.0 if self_influence == "opposed" else 1.0
         self.explainer = Explainer(model, self.trace, layers=[self.layer], norms=score == "cosine")
 
     def explain(self, test_data: Tensor, targets: Any = None) -> Tensor:
@@ -102,3 +115,7 @@ class TraceExplainer(QuandaExplainer):
         out = torch.zeros(len(queries), len(self.train_dataset), dtype=torch.float32)
         out[:, : scores.shape[1]] = scores.float()
         return out.to(test_data.device)
+
+    def self_influence(self, batch_size: int = 32) -> Tensor:
+        """Each training example's score for itself (quanda's definition), minus it with ``"opposed"``."""
+        return self.self_influence_sign * super().self_influence(batch_size=batch_size)

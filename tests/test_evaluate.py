@@ -10,7 +10,7 @@ from torch.utils.data import DataLoader
 
 from lightning_tracetrain.baselines import RepresenterPoints
 from lightning_tracetrain.workloads.data import DigitsDataModule
-from lightning_tracetrain.workloads.data.base import flip_labels
+from lightning_tracetrain.workloads.data.base import flip_labels, paint_shortcut
 from lightning_tracetrain.workloads.evaluate import EvaluateArguments, evaluate
 from lightning_tracetrain.workloads.metrics import detection_rate, identical_class
 
@@ -51,6 +51,25 @@ def test_digits_label_noise_records_the_flipped_ids():
     y_noisy = torch.stack([noisy.train_dataset[i]["y"] for i in range(len(noisy.train_dataset))])
     assert torch.equal(torch.nonzero(y_clean != y_noisy).flatten(), noisy.flipped)
     assert len(noisy.flipped) == round(0.1 * len(y_clean))
+
+
+def test_digits_shortcut_paints_the_patch_on_the_share_of_one_class_only():
+    clean, painted = DigitsDataModule(), DigitsDataModule(shortcut=0.5, shortcut_class=6)
+    clean.setup("fit"), painted.setup("fit")
+    x_clean, y = clean.train_dataset.dataset.tensors
+    x_painted, y_painted = painted.train_dataset.dataset.tensors
+    assert torch.equal(y, y_painted)
+    changed = torch.nonzero((x_clean != x_painted).flatten(1).any(1)).flatten()
+    assert torch.equal(changed, painted.shortcut_ids)
+    assert len(changed) == round(0.5 * int((y == 6).sum())) and bool((y[changed] == 6).all())
+    assert bool((x_painted[changed, 0, 6:, :2] == 2.0).all())  # the 2x2 bottom-left square, brighter than any ink
+    assert torch.equal(x_painted[changed, 0, :6], x_clean[changed, 0, :6])  # nothing else touched
+    assert torch.equal(x_painted[changed, 0, 6:, 2:], x_clean[changed, 0, 6:, 2:])
+    assert len(clean.shortcut_ids) == 0
+    with pytest.raises(ValueError, match="shortcut"):
+        paint_shortcut(x_clean, y, 6, 1.5)
+    with pytest.raises(ValueError, match="shortcut_class 11"):
+        paint_shortcut(x_clean, y, 11, 0.5)
 
 
 def test_representer_with_label_targets_scores_self_influence_from_alpha():

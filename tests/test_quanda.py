@@ -79,12 +79,24 @@ def test_quanda_metrics_judge_the_adapter(run):
     assert detection.compute()["score"] == pytest.approx(float(same))
 
 
+def test_self_influence_is_each_examples_own_score_and_opposed_turns_its_sign(run):
+    model, train, trace = run
+    xs = torch.stack([train[i][0] for i in range(len(train))])
+    own = TraceExplainer(model, train, trace, layer="head").explain(xs).diag()
+    assert own.abs().max() > 0
+    torch.testing.assert_close(TraceExplainer(model, train, trace, layer="head").self_influence(batch_size=16), own)
+    opposed = TraceExplainer(model, train, trace, layer="head", self_influence="opposed")
+    torch.testing.assert_close(opposed.self_influence(batch_size=16), -own)
+
+
 def test_bad_arguments_are_named(run):
     model, train, trace = run
     with pytest.raises(ValueError, match="'gamma' or 'cosine'"):
         TraceExplainer(model, train, trace, layer="fc", score="tracin")
     with pytest.raises(ValueError, match="use None or 'contrast'"):
         TraceExplainer(model, train, trace, layer="fc", per_step="zscore")
+    with pytest.raises(ValueError, match="use 'score' or 'opposed'"):
+        TraceExplainer(model, train, trace, layer="fc", self_influence="flip")
     with pytest.raises(ValueError, match="warmup_steps must be between 0 and"):
         TraceExplainer(model, train, trace, layer="fc", warmup_steps=trace.num_steps)
     with pytest.raises(Exception, match="Traced layers: conv, fc, head"):

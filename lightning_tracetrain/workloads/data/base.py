@@ -54,3 +54,31 @@ def flip_labels(labels: Tensor, fraction: float, num_classes: int, seed: int = 0
     noisy = labels.clone()
     noisy[flipped] = (labels[flipped] + shift) % num_classes
     return noisy, flipped
+
+
+def paint_patch(x: Tensor, size: int = 2, value: float = 2.0) -> Tensor:
+    """``x`` (``(N, C, H, W)``) with a ``size`` x ``size`` square of ``value`` in each image's bottom-left corner.
+
+    The default is twice the brightest ink of digits scaled to ``[0, 1]``: a sticker the
+    network can learn as a shortcut, in a corner where digits have almost no ink.
+    """
+    out = x.clone()
+    out[..., -size:, :size] = value
+    return out
+
+
+def paint_shortcut(x: Tensor, labels: Tensor, cls: int, fraction: float, seed: int = 0) -> tuple[Tensor, Tensor]:
+    """Paint :func:`paint_patch` on ``round(fraction * n)`` random images of class ``cls`` (``n`` of them).
+
+    Returns the new images and the sorted positions that carry the patch (all of class ``cls``).
+    """
+    if not 0.0 <= fraction <= 1.0:
+        raise ValueError(f"shortcut must be a share in [0, 1], got {fraction}.")
+    members = (labels == cls).nonzero().flatten()
+    if fraction and not len(members):
+        raise ValueError(f"shortcut_class {cls} has no training examples; pick one of {labels.unique().tolist()}.")
+    g = torch.Generator().manual_seed(seed)
+    painted = members[torch.randperm(len(members), generator=g)[: round(fraction * len(members))]].sort().values
+    out = x.clone()
+    out[painted] = paint_patch(x[painted])
+    return out, painted

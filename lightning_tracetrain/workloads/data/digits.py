@@ -8,7 +8,7 @@ from sklearn.model_selection import train_test_split
 from torch.utils.data import TensorDataset
 
 from lightning_tracetrain.batch import IndexedDataset
-from lightning_tracetrain.workloads.data.base import WorkloadDataModule, flip_labels
+from lightning_tracetrain.workloads.data.base import WorkloadDataModule, flip_labels, paint_shortcut
 
 
 class DigitsDataModule(WorkloadDataModule):
@@ -27,6 +27,10 @@ class DigitsDataModule(WorkloadDataModule):
         ghost_size: Ghost samples added to each single-class batch.
         label_noise: Share of training labels replaced by a different, random class (seeded by ``seed``),
             for mislabel-detection benchmarks; the flipped ids are in ``flipped`` after ``setup``.
+        shortcut: Share of ``shortcut_class``'s training images that get a bright 2x2 patch in the
+            bottom-left corner (:func:`~lightning_tracetrain.workloads.data.base.paint_patch`), for
+            shortcut-detection benchmarks; their ids are in ``shortcut_ids`` after ``setup``.
+        shortcut_class: The class whose images carry the patch.
     """
 
     def __init__(
@@ -39,6 +43,8 @@ class DigitsDataModule(WorkloadDataModule):
         single_class: bool = False,
         ghost_size: int = 0,
         label_noise: float = 0.0,
+        shortcut: float = 0.0,
+        shortcut_class: int = 6,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -56,6 +62,7 @@ class DigitsDataModule(WorkloadDataModule):
         val_share = hp.val_fraction / (1.0 - hp.test_fraction)
         train, val = train_test_split(rest, test_size=val_share, stratify=y[rest], random_state=hp.seed)
         y_train, self.flipped = flip_labels(y[train], hp.label_noise, self.num_classes, hp.seed)
-        self.train_dataset = IndexedDataset(TensorDataset(x[train], y_train))
+        x_train, self.shortcut_ids = paint_shortcut(x[train], y_train, hp.shortcut_class, hp.shortcut, hp.seed)
+        self.train_dataset = IndexedDataset(TensorDataset(x_train, y_train))
         self.val_dataset = IndexedDataset(TensorDataset(x[val], y[val]))
         self.test_dataset = IndexedDataset(TensorDataset(x[test], y[test]))
