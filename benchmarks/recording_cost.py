@@ -3,18 +3,21 @@
 Measured on real deltas (the digits-wide CNN of ``overhead.py`` trained with SGD on shuffled
 digits), without training in between, one stage at a time:
 
-- per step (ms) and per MB of deltas (ms/MB): computing the deltas into a staging slot,
-  the writer thread's copy into its chunk window (with the NaN check), encoding a chunk
-  (per codec and Blosc thread count), its crc32c, writing the bytes to a file, zarr's
+- per step (ms) and per MB of deltas (ms/MB): computing the deltas straight into the chunk
+  window (what the inline writer does on CPU), the non-finite check, the staging slot and
+  its copy into the window (the threaded writer's path, for GPUs and remote stores),
+  encoding a chunk (per codec and Blosc thread count), its crc32c, writing the bytes to new
+  files (what a trace does), and to new files after deleting as many (pages just freed), zarr's
   own path for the same chunk (encode + checksum + write + bookkeeping) and the recorder's
   (whole chunks encoded outside zarr, then stored);
 - per commit: the attributes update that commits the steps;
-- once per run: creating the trace at the first step and closing it.
+- once per run: starting, building the trace (in the background), its first step, closing it.
 
 Then the recorder as a whole (``TraceRecorder.record`` in a loop, the weights changed in
 place between steps as an optimizer would) gives the sustained throughput in MB of deltas per
 second, against the bound of one memcpy plus the chosen codec on one core (the core a 2-core
-machine leaves it while training uses the other).
+machine leaves it while training uses the other), and against that bound plus writing the
+encoded bytes to new files at the speed measured here.
 
     python benchmarks/recording_cost.py [--steps 400] [--compressor auto]
 """
@@ -43,10 +46,11 @@ from zarr.core.sync import sync
 from lightning_tracetrain.recording.classes import class_spec
 from lightning_tracetrain.recording.layers import layer_parameters, select_layers
 from lightning_tracetrain.recording.recorder import RecorderOptions, StepInfo, TraceRecorder
-from lightning_tracetrain.recording.staging import DeltaStager
+from lightning_tracetrain.recording.staging import DeltaStager, DirectDeltas
 from lightning_tracetrain.trace.chunks import ChunkEncoder, store_chunks
 from lightning_tracetrain.trace.codecs import make_compressor
 from lightning_tracetrain.trace.schema import StorageMode
+from lightning_tracetrain.trace.window import StepWindows, all_finite
 from lightning_tracetrain.workloads.models import DigitsCNN
 
 MB = 2**20
@@ -95,24 +99,26 @@ def stage_costs(deltas: list[list[torch.Tensor]], chunk: int, tmp: str) -> dict[
     before = [torch.zeros_like(d) for d in deltas[0]]
     step_bytes = sum(d.numel() for d in deltas[0]) * 4
     stager = DeltaStager(shapes, torch.device("cpu"), slots=2)
+    windows = StepWindows([tuple(s) for s in shapes], chunk, count=1)
+    rows = [torch.from_numpy(block) for block in windows.data(0, chunk, chunk)]
+    arrays = [block[0] for block in windows.data(0, chunk, chunk)]
 
-    def stage() -> None:
-        staged = stager.stage(after, before)
-        with torch.no_grad():
-            torch._foreach_copy_(before, after)
-        staged.release()
+    def direct() -> None:  # the inline writer: deltas straight into a row of the window
+        for row in range(chunk):
+            DirectDeltas(after, before, ()).write([r[row] for r in rows])
+
+    def staged() -> None:  # the threaded writer: into a staging slot, then copied into the window
+        for row in range(chunk):
+            slot = stager.stage(after, before)
+            slot.write([r[row] for r in rows])
+            slot.release()
 
     flat = [torch.cat([d.flatten() for d in step]).numpy() for step in deltas[:chunk]]
     window = np.zeros((chunk, flat[0].size), dtype=np.float32)
-
-    def copy() -> None:
-        for row, delta in enumerate(flat):
-            np.isfinite(delta).all()
-            window[row] = delta
-
     costs: dict[str, Any] = {"step_mb": step_bytes / MB, "chunk_steps": chunk}
-    costs["deltas_ms"] = 1000 * _time(lambda: [stage() for _ in range(20)]) / 20
-    costs["window_copy_ms"] = 1000 * _time(copy) / chunk
+    costs["deltas_ms"] = 1000 * _time(direct) / chunk
+    costs["nonfinite_ms"] = 1000 * _time(lambda: [[all_finite(a) for a in arrays] for _ in range(chunk)]) / chunk
+    costs["staged_copy_ms"] = 1000 * _time(staged) / chunk
     costs["memcpy_ms"] = 1000 * _time(lambda: [np.copyto(window[r], flat[r]) for r in range(chunk)]) / chunk
     per_array = [np.stack([step[i].numpy() for step in deltas[:chunk]]) for i in range(len(shapes))]
     encodings: dict[str, Any] = {}
@@ -137,11 +143,17 @@ def stage_costs(deltas: list[list[torch.Tensor]], chunk: int, tmp: str) -> dict[
     path = Path(tmp) / "raw"
     path.mkdir(exist_ok=True)
 
-    def write() -> None:
-        for i, e in enumerate(encoded):
-            (path / str(i)).write_bytes(e)
+    written = iter(range(10**6))
 
-    costs["file_write_ms"] = 1000 * _time(write) / chunk
+    def write(free: bool) -> None:  # each call writes new files; ``free``: after deleting the previous call's
+        run = next(written)
+        for i, e in enumerate(encoded):
+            if free:
+                (path / f"{run - 1}-{i}").unlink(missing_ok=True)
+            (path / f"{run}-{i}").write_bytes(e)
+
+    costs["file_write_ms"] = 1000 * _time(lambda: write(False)) / chunk  # pages the kernel must find
+    costs["file_write_freed_ms"] = 1000 * _time(lambda: write(True)) / chunk  # into pages it just got back
     group = zarr.open_group(f"{tmp}/zarr", mode="w")
     compressor = make_compressor("auto", StorageMode.lossless)
     arrays = [
@@ -194,8 +206,12 @@ def recorder_run(
     recorder = TraceRecorder(RecorderOptions(path, compressor=compressor, overwrite=True))
     t0 = time.perf_counter()
     recorder.start(layers, module=class_spec(model), optimizers=[opt])
+    started = time.perf_counter()
+    if recorder._prepared is not None:  # the trace is built in the background from start(): time it alone
+        recorder._prepared.result()
+    built = time.perf_counter()
     recorder.add_examples(index, label, ghost)
-    recorder.record(StepInfo(0, 0, 0, [0.05]))  # creates the trace
+    recorder.record(StepInfo(0, 0, 0, [0.05]))  # moves the trace into place
     created = time.perf_counter()
     for i, step in enumerate(deltas, start=1):
         apply(step)
@@ -208,7 +224,9 @@ def recorder_run(
     step_mb = sum(d.numel() for d in deltas[0]) * 4 / MB
     loop_s = looped - created - apply_s
     return {
-        "create_s": created - t0,
+        "start_s": started - t0,
+        "build_s": built - started,  # in the background, while the run starts up
+        "first_step_s": created - built,
         "close_s": closed - looped,
         "ms_per_step": 1000 * loop_s / len(deltas),
         "mb_per_s": step_mb * len(deltas) / loop_s,
@@ -235,6 +253,8 @@ def main() -> None:
         runs = [recorder_run(model, deltas, f"{tmp}/trace{r}", args.compressor) for r in range(3)]
     codec = {"auto": "lz4", "lz4": "lz4", "zstd": "zstd", "none": "none"}[args.compressor]
     bound_ms = costs["memcpy_ms"] + costs["encode"][f"{codec}/1"]["ms_per_step"]
+    ratio = costs["encode"][f"{codec}/1"]["ratio"] / costs["encode"]["lz4/1"]["ratio"]  # the writes measured lz4's
+    with_write_ms = bound_ms + costs["file_write_ms"] * ratio
     recorder = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
     result = {
         "benchmark": "recording cost model, digits-wide deltas",
@@ -244,6 +264,8 @@ def main() -> None:
         "bound_ms_per_step": bound_ms,
         "bound_mb_per_s": step_mb / bound_ms * 1000,
         "throughput_over_bound": recorder["mb_per_s"] / (step_mb / bound_ms * 1000),
+        "bound_with_write_mb_per_s": step_mb / with_write_ms * 1000,
+        "throughput_over_bound_with_write": recorder["mb_per_s"] / (step_mb / with_write_ms * 1000),
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__},
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -143,14 +143,14 @@ def test_impossible_counters_are_a_trace_corrupt_error_naming_the_field(good, tm
 
 
 def test_creation_on_a_full_disk_leaves_nothing_behind(tmp_path, monkeypatch):
-    original = zarr.storage.LocalStore.set
+    original = Path.write_bytes
 
-    async def full(self: Any, key: str, value: Any) -> None:
-        if "/initial/" in key:
+    def full(self: Path, data: Any) -> int:  # a new trace's files are written in one pass (trace.store.prepare)
+        if "initial" in self.parts and self.name != "zarr.json":
             raise OSError(errno.ENOSPC, "No space left on device")
-        await original(self, key, value)
+        return original(self, data)
 
-    monkeypatch.setattr(zarr.storage.LocalStore, "set", full)
+    monkeypatch.setattr(Path, "write_bytes", full)
     trainer = quiet_trainer(max_steps=3, callbacks=[TraceCallback(tmp_path / "t")])
     with pytest.raises(TraceWriteError, match=r"Creating the trace at .* failed .*No space left.*nothing was left"):
         trainer.fit(TinyCNN(), image_loader())

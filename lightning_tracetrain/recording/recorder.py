@@ -2,67 +2,51 @@
 
 Its life is ``start`` (check the target, or reopen the trace to resume), then
 for every step ``add_examples`` (once per batch) and ``record`` (once per
-optimizer step), ``commit`` before a checkpoint, and ``close``. The trace is
-created at the first recorded step, so a run that fails before it leaves
-nothing behind, and ``storage="factored"`` knows its layers when it creates it.
+optimizer step), ``commit`` before a checkpoint, and ``close``. A local trace is
+built in a hidden folder while the run starts up and moved into place at the
+first recorded step, so a run that fails before it leaves nothing behind;
+``storage="factored"`` creates its trace at the first step, once it knows its layers.
 """
 
 from __future__ import annotations
 
+import shutil
 import warnings
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from concurrent.futures import Future
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
-from lightning_tracetrain.exceptions import TraceBusyError
+from lightning_tracetrain.exceptions import TraceBusyError, TraceWriteError
 from lightning_tracetrain.functional import weight_deltas
 from lightning_tracetrain.recording.classes import class_path
 from lightning_tracetrain.recording.factored import FactoredSteps, param_group, to_numpy
 from lightning_tracetrain.recording.layers import layer_parameters
 from lightning_tracetrain.recording.lowrank import LowRankSteps, choose_lowrank
+from lightning_tracetrain.recording.options import RecorderOptions, StepInfo, default_chunk_steps
 from lightning_tracetrain.recording.space import step_bytes
-from lightning_tracetrain.recording.staging import DeltaStager
-from lightning_tracetrain.trace.codecs import Compressor, make_compressor
+from lightning_tracetrain.recording.staging import DeltaStager, EarlySteps, StagedDeltas
+from lightning_tracetrain.trace.background import in_background
+from lightning_tracetrain.trace.codecs import make_compressor
 from lightning_tracetrain.trace.lease import Lease
-from lightning_tracetrain.trace.records import PendingExamples, StepRecord
+from lightning_tracetrain.trace.records import PendingExamples, Staged, StepRecord
 from lightning_tracetrain.trace.schema import ClassSpec, LayerSpec, StorageMode, TraceSpec
-from lightning_tracetrain.trace.store import ResumeState, check_new, create, open_to_resume
+from lightning_tracetrain.trace.store import (
+    ResumeState,
+    check_new,
+    create,
+    is_url,
+    open_to_resume,
+    prepare,
+    publish,
+)
 from lightning_tracetrain.trace.writer import TraceWriter
 
-_CHUNK_BYTES = 32 * 2**20  # steps are buffered until a chunk of about this many raw bytes is full
-
 Param = tuple[str, str]  # (layer, parameter)
-
-
-@dataclass(frozen=True)
-class RecorderOptions:
-    """Where and how a trace is written (the ``TraceCallback`` arguments, validated there)."""
-
-    dirpath: str
-    storage: StorageMode = StorageMode.lossless
-    keepbits: int = 4
-    rank: int = 8
-    feedback: bool = False
-    compressor: Compressor = "auto"
-    chunk_steps: int | None = None
-    overwrite: bool = False
-    max_pending_steps: int = 8
-    commit_every_s: float = 30.0
-    storage_options: dict[str, Any] | None = None
-
-
-@dataclass(frozen=True)
-class StepInfo:
-    """What the training loop knows about an optimizer step."""
-
-    global_step: int
-    epoch: int
-    batch_idx: int
-    lr: Sequence[float]
 
 
 class TraceRecorder:
@@ -93,6 +77,8 @@ class TraceRecorder:
         self._lease: Lease | None = None
         self._warned_nonfinite = False
         self._examples = PendingExamples()
+        self._prepared: Future[Path] | None = None  # a new local trace being built (see trace.store.prepare)
+        self._early = EarlySteps()
 
     # ------------------------------------------------------------------ life cycle
 
@@ -124,7 +110,7 @@ class TraceRecorder:
             lr_columns=tuple(
                 f"optimizer{i}/group{j}" for i, o in enumerate(optimizers) for j in range(len(o.param_groups))
             ),
-            chunk_steps=opts.chunk_steps or _default_chunk_steps(sum(step_bytes(layers, mode, opts.rank).values())),
+            chunk_steps=opts.chunk_steps or default_chunk_steps(sum(step_bytes(layers, mode, opts.rank).values())),
             compressor=None if (c := make_compressor(opts.compressor, mode)) is None else c.to_dict(),
             mode=mode,
             keepbits=opts.keepbits if mode == StorageMode.compact else None,
@@ -143,7 +129,7 @@ class TraceRecorder:
                 self._open(group, start=resume.records, carry=resume.carry)
             else:
                 check_new(opts.dirpath, spec, overwrite=opts.overwrite, storage_options=opts.storage_options)
-                self._initial = {k: t.cpu().numpy() for k, t in self._prev.items()}
+                self._initial = {k: t.cpu().numpy().copy() for k, t in self._prev.items()}  # _prev changes
         except BaseException:
             self._lease.release()
             raise
@@ -172,13 +158,26 @@ class TraceRecorder:
             )
         else:
             self._stager = self._make_stager()
+        if resume is None and mode != StorageMode.factored and not is_url(opts.dirpath):
+            compressor = make_compressor(opts.compressor, mode)
+            self._prepared = in_background(prepare, opts.dirpath, spec, self._initial, compressor)
 
     def close(self, *, raise_errors: bool = True) -> None:
         """Commit what is queued and stop the writer; with ``raise_errors`` a write failure is raised."""
         if self._factored is not None:
             self._factored.remove()
-        writer, self._writer = self._writer, None
         try:
+            if self._writer is None and self._early:  # steps kept while the trace was built
+                try:
+                    self._create()
+                except TraceWriteError:
+                    if raise_errors:
+                        raise
+            writer, self._writer = self._writer, None
+            if (prepared := self._prepared) is not None:  # no step was recorded: leave nothing behind
+                self._prepared = None
+                if prepared.exception() is None:
+                    shutil.rmtree(prepared.result(), ignore_errors=True)
             if writer is not None:
                 try:
                     writer.close(raise_errors=raise_errors, residual=self._residuals())
@@ -210,12 +209,16 @@ class TraceRecorder:
                 self._stage(self._spec.dense_params())
                 self._stager = self._make_stager()
             factors = to_numpy(taken)
-        writer = self._writer or self._create()
+        sink = self._sink()
         assert self._stager is not None
-        staged = self._stager.stage(self._after, self._before, () if self._lowrank is None else self._lowrank.step())
-        with torch.no_grad():
+        extra = () if self._lowrank is None else self._lowrank.step()
+        if sink is self._writer:
+            staged: Staged = self._stager.stage(self._after, self._before, extra)
+        else:  # kept until the trace is built: computed now, into new tensors
+            staged = StagedDeltas([*weight_deltas(self._after, self._before), *(e.clone() for e in extra)])
+        sink.put(StepRecord(**vars(info), index=index, ghost=ghost, label=label, deltas=staged, factors=factors))
+        with torch.no_grad():  # after the put: an inline writer computes the deltas when it takes the step
             torch._foreach_copy_(self._before, self._after)
-        writer.put(StepRecord(**vars(info), index=index, ghost=ghost, label=label, deltas=staged, factors=factors))
 
     def record_skipped(self, info: StepInfo) -> None:
         """A step the training loop counted without changing the weights (AMP found inf/nan): a zero delta."""
@@ -226,15 +229,15 @@ class TraceRecorder:
             )
         self._check_run()
         index, label, ghost = self._examples.take()
-        writer = self._writer or self._create()
-        writer.put(StepRecord(**vars(info), index=index, ghost=ghost, label=label, deltas=None))
+        self._sink().put(StepRecord(**vars(info), index=index, ghost=ghost, label=label, deltas=None))
 
     def commit(self) -> ResumeState | None:
         """Commit every queued step; returns what a checkpoint needs to resume this trace (None: no step yet)."""
-        if self._writer is None:
+        if self._writer is None and not self._early:
             return self._resume
-        self._writer.flush(residual=self._residuals())
-        return ResumeState(self._writer.run_id, self._writer.committed, self._carry(self._writer))
+        writer = self._writer or self._create()
+        writer.flush(residual=self._residuals())
+        return ResumeState(writer.run_id, writer.committed, self._carry(writer))
 
     def note_checkpoint(self, path: str, global_step: int) -> None:
         """The run saved a checkpoint holding its first ``global_step`` steps at ``path`` (kept in the trace)."""
@@ -286,17 +289,40 @@ class TraceRecorder:
         shapes = [self._params[k].shape for k in self._staged]
         if self._lowrank is not None:
             shapes += self._lowrank.shapes()
-        return DeltaStager(shapes, self._device, self.options.max_pending_steps + 2)
+        return DeltaStager(shapes, self._device, self.options.max_pending_steps + 2, direct=self._inline)
+
+    @property
+    def _inline(self) -> bool:
+        """Whether the writer works on the training thread: CPU training into a local trace (see TraceWriter)."""
+        return self._device.type == "cpu" and not is_url(self.options.dirpath)
+
+    def _sink(self) -> TraceWriter | EarlySteps:
+        """Where the next step goes: the writer; or, while a new trace is still being built in the background
+        (CPU, up to a chunk of steps), a list kept for it."""
+        if self._writer is not None:
+            return self._writer
+        building = self._prepared is not None and not self._prepared.done()
+        assert self._spec is not None
+        if building and self._inline and len(self._early) < self._spec.chunk_steps:
+            return self._early
+        return self._create()
 
     def _create(self) -> TraceWriter:
         assert self._spec is not None and self._initial is not None, "start() comes before the first step"
         opts = self.options
-        compressor = make_compressor(opts.compressor, self._spec.mode)
-        group = create(opts.dirpath, self._spec, self._initial, compressor, opts.storage_options)
+        early = self._early.take()  # dropped if the trace cannot be created: the run stops
+        if (prepared := self._prepared) is not None:
+            self._prepared = None
+            group = publish(prepared.result(), opts.dirpath)  # the first step waits for the build, if need be
+        else:
+            compressor = make_compressor(opts.compressor, self._spec.mode)
+            group = create(opts.dirpath, self._spec, self._initial, compressor, opts.storage_options)
         self._initial = None
         writer = self._open(group, start=0)
         if self._lease is not None:
             self._lease.set_run(writer.run_id)
+        for record in early:
+            writer.put(record)
         return writer
 
     def _open(self, group: Any, start: int, carry: np.ndarray | None = None) -> TraceWriter:
@@ -308,9 +334,6 @@ class TraceRecorder:
             commit_every_s=opts.commit_every_s,
             path=opts.dirpath,
             carry=carry,
+            inline=self._inline,
         )
         return self._writer
-
-
-def _default_chunk_steps(nbytes: int) -> int:
-    return int(max(1, min(256, _CHUNK_BYTES // max(1, nbytes))))

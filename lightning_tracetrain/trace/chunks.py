@@ -139,3 +139,8 @@ async def write_rows(writes: list[tuple[zarr.Array, int, np.ndarray]], encoded: 
         *(arr.async_array.setitem(slice(s, s + len(v)), v) for arr, s, v in writes if id(arr) not in encoded),
         *(store_chunks(arr, encoded[id(arr)]) for arr, _, _ in writes if id(arr) in encoded),
     )
+
+
+async def trim(lengths: list[tuple[zarr.Array, int]]) -> None:
+    """Cut each array back to its length (they grow ahead in whole chunks), concurrently."""
+    await asyncio.gather(*(arr.async_array.resize((n, *arr.shape[1:])) for arr, n in lengths if arr.shape[0] != n))

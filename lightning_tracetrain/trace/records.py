@@ -8,13 +8,14 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
+from torch import Tensor
 
 
 class Staged(Protocol):
     """A step's deltas on their way to host memory (see ``recording.staging``)."""
 
-    def array(self) -> np.ndarray:
-        """All traced parameters' deltas, flattened and concatenated (waits for a device copy)."""
+    def write(self, rows: Sequence[Tensor]) -> None:
+        """Put every stored array's delta into its row of the writer's chunk window (waits for a device copy)."""
 
     def release(self) -> None:
         """Give the buffer back once its contents were copied."""

@@ -19,7 +19,9 @@ from typing import Any
 
 import numpy as np
 import zarr
+from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync as zarr_sync
+from zarr.storage import MemoryStore
 
 from lightning_tracetrain import functional as Fx
 from lightning_tracetrain._version import __version__
@@ -150,7 +152,54 @@ def create(
     storage_options: dict[str, Any] | None = None,
 ) -> zarr.Group:
     """Create a trace holding ``initial`` weights and no step, replacing what :func:`check_new` allowed."""
-    attrs = {
+    if is_url(path):
+        return _fill(open_group(path, "w", storage_options, attributes=_new_attrs(spec)), spec, initial, compressor)
+    return publish(prepare(path, spec, initial, compressor), path)
+
+
+def prepare(
+    path: str,
+    spec: TraceSpec,
+    initial: dict[tuple[str, str], np.ndarray],
+    compressor: zarr.abc.codec.BytesBytesCodec | None,
+) -> Path:
+    """Build a new local trace in a hidden folder beside ``path``, for :func:`publish` to move into place.
+
+    Nothing at ``path`` changes, so a recorder prepares its trace while the run starts up.
+    """
+    final = Path(path)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    for debris in final.parent.glob(f".{final.name}.creating-*"):  # a creation killed midway (we hold the lease)
+        shutil.rmtree(debris, ignore_errors=True)
+    tmp = final.parent / f".{final.name}.creating-{uuid.uuid4().hex[:8]}"
+    try:  # zarr builds it in memory (a tenth of the time through the file system), then it is written at once
+        built = _fill(zarr.open_group(MemoryStore(), mode="w", attributes=_new_attrs(spec)), spec, initial, compressor)
+        contents = zarr_sync(_contents(built.store))
+        for folder in sorted({(tmp / key).parent for key, _ in contents}):
+            folder.mkdir(parents=True, exist_ok=True)
+        for key, data in contents:
+            (tmp / key).write_bytes(data)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise TraceWriteError(f"Creating the trace at {path} failed ({exc}); nothing was left behind.") from exc
+    return tmp
+
+
+def publish(prepared: Path, path: str) -> zarr.Group:
+    """Move a trace from :func:`prepare` to ``path``, replacing what :func:`check_new` allowed; open it."""
+    final = Path(path)
+    try:
+        if final.exists():  # an empty directory, or a trace the user asked to overwrite
+            shutil.rmtree(final)
+        os.rename(prepared, final)
+    except OSError as exc:
+        shutil.rmtree(prepared, ignore_errors=True)
+        raise TraceWriteError(f"Creating the trace at {path} failed ({exc}); nothing was left behind.") from exc
+    return open_group(path, "r+")
+
+
+def _new_attrs(spec: TraceSpec) -> dict[str, Any]:
+    return {
         "format": schema.FORMAT,
         "format_version": schema.FORMAT_VERSION,
         "initialized": False,  # set once the arrays and initial weights are in place
@@ -161,29 +210,14 @@ def create(
         "examples_committed": 0,
         **spec.to_attrs(),
     }
-    if is_url(path):
-        return _fill(open_group(path, "w", storage_options, attributes=attrs), spec, initial, compressor)
-    final = Path(path)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    for debris in final.parent.glob(f".{final.name}.creating-*"):  # a creation killed midway (we hold the lease)
-        shutil.rmtree(debris, ignore_errors=True)
-    tmp = final.parent / f".{final.name}.creating-{uuid.uuid4().hex[:8]}"
-    try:
-        _fill(open_group(str(tmp), "w", attributes=attrs), spec, initial, compressor)
-        if final.exists():  # an empty directory, or a trace the user asked to overwrite
-            shutil.rmtree(final)
-        os.rename(tmp, final)
-    except OSError as exc:
-        zarr_sync(_settled())  # zarr's sibling writes of the failed call may still be running
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise TraceWriteError(f"Creating the trace at {path} failed ({exc}); nothing was left behind.") from exc
-    return open_group(path, "r+")
 
 
-async def _settled() -> None:
-    """Wait for every other task on zarr's event loop (the rest of a write that failed part way)."""
-    others = [task for task in asyncio.all_tasks() if task is not asyncio.current_task()]
-    await asyncio.gather(*others, return_exceptions=True)
+async def _contents(store: MemoryStore) -> list[tuple[str, bytes]]:
+    """Every key of ``store`` with its bytes."""
+    prototype = default_buffer_prototype()
+    keys = [key async for key in store.list()]
+    buffers = await asyncio.gather(*(store.get(key, prototype) for key in keys))
+    return [(key, buf.to_bytes()) for key, buf in zip(keys, buffers, strict=True) if buf is not None]
 
 
 def _fill(

@@ -1,10 +1,12 @@
-"""Appending steps to an open trace without making training wait on disk.
+"""Appending steps to an open trace a chunk at a time, so that a crash loses no committed step.
 
-The training thread queues one :class:`~lightning_tracetrain.trace.records.StepRecord` per optimizer step. A
-background thread gathers a chunk of steps in memory, a second one writes it,
-and only then bumps ``steps_committed``: a crash at any moment leaves a trace
-that opens and holds every committed step. The queue is bounded, so a slow
-disk slows training down instead of filling memory.
+The training thread hands over one :class:`~lightning_tracetrain.trace.records.StepRecord` per optimizer
+step. The steps are gathered a chunk at a time in memory, the chunk is written,
+and only then is ``steps_committed`` bumped: a crash at any moment leaves a
+trace that opens and holds every committed step. A writer works on background
+threads (a bounded queue, so a slow disk slows training down instead of filling
+memory) or *inline*, on the training thread, for CPU training into a local
+trace: there extra threads only compete with PyTorch's for the same cores.
 """
 
 from __future__ import annotations
@@ -19,28 +21,33 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
-import numcodecs
 import numpy as np
 import zarr
 from zarr.core.sync import sync as zarr_sync
 
 from lightning_tracetrain.exceptions import TraceWriteError
 from lightning_tracetrain.trace import schema
-from lightning_tracetrain.trace.background import STOP, Flush, noop, wait, yield_cpu
-from lightning_tracetrain.trace.chunks import AppendedRows, ChunkEncoder, write_rows
+from lightning_tracetrain.trace.background import STOP, Flush, Inline, noop, wait, yield_cpu
+from lightning_tracetrain.trace.chunks import AppendedRows, ChunkEncoder, trim, write_rows
 from lightning_tracetrain.trace.records import StepRecord, example_rows, factor_rows, step_columns
 from lightning_tracetrain.trace.schema import StorageMode, TraceSpec
-from lightning_tracetrain.trace.store import create_labels, is_url, optional_array, truncate
+from lightning_tracetrain.trace.store import create_labels, is_url, optional_array
+from lightning_tracetrain.trace.window import StepWindows
 
 
 class TraceWriter:
-    """Appends :class:`StepRecord` s to an open trace on background threads.
+    """Appends :class:`StepRecord` s to an open trace, on background threads or inline.
 
     The *writer* thread copies each step into a chunk-aligned window of steps
     in memory; the *committer* thread writes a window when it is full, on
     :meth:`flush`, or after ``commit_every_s`` seconds with pending steps, and
     bumps ``steps_committed`` only after the data is written. Two windows
     alternate, so steps keep flowing while the previous window is written.
+
+    ``inline``: :meth:`put` takes the step on the calling thread (the deltas are
+    computed straight into the window) and writes a full window before it
+    returns, so one window is enough; the writer thread only commits on
+    :meth:`flush`, at close, and after ``commit_every_s`` when training pauses.
 
     With ``storage="compact"`` each step is rounded after adding the previous
     step's rounding error (``carry``; pass the one a checkpoint kept to resume).
@@ -55,8 +62,10 @@ class TraceWriter:
         commit_every_s: float = 30.0,
         path: str = "",
         carry: np.ndarray | None = None,
+        inline: bool = False,
     ) -> None:
         self._group = group
+        self._inline = inline
         self._path = path or str(group.store)
         self.run_id = str(group.attrs["run_id"])
         spec = TraceSpec.from_attrs(dict(group.attrs))
@@ -69,25 +78,10 @@ class TraceWriter:
             name: tuple(group[schema.factor_path(name, side)] for side in ("in", "out")) for name in spec.factored
         }
         self._encoders = {id(arr): enc for arr in self._arrays if (enc := ChunkEncoder.for_array(arr)) is not None}
-        # a step arrives as every parameter's delta flattened and concatenated (columns); a window holds a chunk
-        # of steps parameter by parameter, so that each array's rows are one contiguous (steps, *shape) block
-        sizes = [int(np.prod(arr.shape[1:])) for arr in self._arrays]
-        bounds = np.cumsum([0, *sizes])
-        self._columns = [slice(int(a), int(b)) for a, b in itertools.pairwise(bounds)]
-        self._windows = [np.zeros(self._chunk * int(bounds[-1]), dtype=np.float32) for _ in range(2)]
-        self._blocks = [
-            [
-                flat[self._chunk * c.start : self._chunk * c.stop].reshape(self._chunk, *arr.shape[1:])
-                for c, arr in zip(self._columns, self._arrays, strict=True)
-            ]
-            for flat in self._windows
-        ]
-        self._round = numcodecs.BitRound(spec.keepbits) if spec.mode == StorageMode.compact else None
-        self._carry: np.ndarray | None = None
-        if self._round is not None:
-            self._carry = np.zeros(int(bounds[-1]), dtype=np.float32) if carry is None else carry.astype(np.float32)
-            if self._carry.shape != (int(bounds[-1]),):
-                raise ValueError(f"A compact carry of {self._carry.shape} for {int(bounds[-1])} stored values.")
+        count = 1 if inline else 2  # inline: a window is written before it is refilled
+        keepbits = spec.keepbits if spec.mode == StorageMode.compact else None
+        shapes = [tuple(arr.shape[1:]) for arr in self._arrays]
+        self._windows = StepWindows(shapes, self._chunk, count, keepbits=keepbits, carry=carry)
         # a resumed version-1 trace has no steps/nonfinite: it stays version 1
         self._steps = {
             name: array
@@ -95,7 +89,7 @@ class TraceWriter:
             if (array := optional_array(group, schema.step_path(name))) is not None
         }
         self.first_nonfinite: int | None = None  # global step of the first step that changed a weight by NaN/inf
-        self._example_start = int(group.attrs.get("examples_committed", 0))
+        self._example_start = self._examples_committed = int(group.attrs.get("examples_committed", 0))
         self._examples = {name: group[schema.example_path(name)] for name in ("index", "ghost")}
         if (label := optional_array(group, schema.example_path("label"))) is not None:
             self._examples["label"] = label
@@ -105,7 +99,7 @@ class TraceWriter:
         for arr in [*self._examples.values(), *itertools.chain(*self._factors.values())]:
             self._append_whole(arr, self._example_start)
         self._commit_every_s = commit_every_s
-        self._window_commit: list[Future[None] | None] = [None, None]  # last commit that reads each window
+        self._window_commit: list[Future[None] | None] = [None] * count  # last commit that reads each window
         self._current = 0
         self._start = start  # first step of the current window
         self.committed = start
@@ -113,22 +107,32 @@ class TraceWriter:
         self._checkpoints = [c for c in group.attrs.get("checkpoints", []) if c.get("global_step", 0) <= last + 1]
         self._pending: list[StepRecord] = []
         self._error: BaseException | None = None
+        self._lock = threading.Lock()  # held while a step is taken or a window is handed over
+        self._last_commit = time.monotonic()
         self._queue: queue.Queue[Any] = queue.Queue(maxsize=max_pending)
-        self._committer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="trace-commit", initializer=yield_cpu)
+        self._committer: ThreadPoolExecutor | Inline = (
+            Inline()
+            if inline
+            else ThreadPoolExecutor(max_workers=1, thread_name_prefix="trace-commit", initializer=yield_cpu)
+        )
         self._thread = threading.Thread(target=self._run, name="trace-writer", daemon=True)
         self._thread.start()
 
     @property
     def carry(self) -> np.ndarray | None:
         """``storage="compact"``: the rounding error after the last queued step (call after :meth:`flush`)."""
-        return None if self._carry is None else self._carry.copy()
+        return None if self._windows.carry is None else self._windows.carry.copy()
 
     # ---- training thread
 
     def put(self, record: StepRecord) -> None:
-        """Queue a step (blocks while ``max_pending`` steps wait: backpressure)."""
+        """Queue a step (blocks while ``max_pending`` steps wait: backpressure); inline: take it now."""
         self._raise_if_failed()
-        self._queue.put(record)
+        if not self._inline:
+            self._queue.put(record)
+            return
+        with self._lock:
+            self._take(record)
 
     def flush(self, *, wait: bool = True, residual: dict[str, np.ndarray] | None = None) -> None:
         """Commit every queued step; with ``wait`` return only once it is committed. ``residual``
@@ -180,37 +184,45 @@ class TraceWriter:
     # ---- writer thread
 
     def _run(self) -> None:
-        last_commit = time.monotonic()
         while True:
-            timeout = None
-            if self._pending and self._error is None:
-                timeout = max(0.0, self._commit_every_s - (time.monotonic() - last_commit))
             try:
-                item = self._queue.get(timeout=timeout)
+                item = self._queue.get(timeout=self._timeout())
             except queue.Empty:
-                self._submit()
-                last_commit = time.monotonic()
-                continue
-            if item is STOP or isinstance(item, Flush):
-                self._submit()
-                if isinstance(item, Flush) and item.residual is not None:
-                    self._committer.submit(self._guard, self._write_residual, item.residual, self._queued)
-                wait(self._committer.submit(noop))  # commits run in order: this one ends after all of them
-                if item is STOP:
-                    wait(self._committer.submit(self._guard, self._tidy))
-                    self._committer.shutdown()
-                    return
-                item.done.set()
-                last_commit = time.monotonic()
-                continue
-            if self._error is not None:  # keep draining so the training thread never blocks forever
-                if item.deltas is not None:
-                    item.deltas.release()
-                continue
-            self._guard(self._append, item)
-            if len(self._pending) == self._capacity:
-                self._submit()
-                last_commit = time.monotonic()
+                item = None
+            with self._lock:
+                if item is None:  # inline: the training thread may have committed meanwhile
+                    if self._pending and time.monotonic() - self._last_commit >= self._commit_every_s:
+                        self._submit()
+                elif item is STOP or isinstance(item, Flush):
+                    self._submit()
+                    if isinstance(item, Flush) and item.residual is not None:
+                        self._committer.submit(self._guard, self._write_residual, item.residual, self._queued)
+                    wait(self._committer.submit(noop))  # commits run in order: this one ends after all of them
+                    if item is STOP:
+                        wait(self._committer.submit(self._guard, self._tidy))
+                        self._committer.shutdown()
+                        return
+                    item.done.set()
+                else:
+                    self._take(item)
+
+    def _timeout(self) -> float | None:
+        """How long the writer thread may wait for the next item before a timed commit is due."""
+        if self._error is not None:
+            return None
+        if self._pending:
+            return max(0.0, self._commit_every_s - (time.monotonic() - self._last_commit))
+        return self._commit_every_s if self._inline else None  # inline steps arrive without waking this thread
+
+    def _take(self, record: StepRecord) -> None:
+        """Append a step to the window; hand the window over when it is full."""
+        if self._error is not None:  # keep draining so the training thread never blocks forever
+            if record.deltas is not None:
+                record.deltas.release()
+            return
+        self._guard(self._append, record)
+        if len(self._pending) == self._capacity:
+            self._submit()
 
     def _guard(self, fn: Callable[..., None], *args: Any) -> None:
         if self._error is not None:
@@ -229,28 +241,11 @@ class TraceWriter:
     def _capacity(self) -> int:
         return self._chunk - self._start % self._chunk
 
-    def _rounded(self, delta: np.ndarray) -> np.ndarray:
-        """``storage="compact"``: the delta plus the previous rounding error, rounded; keeps the new error."""
-        value = delta + self._carry
-        stored = self._round.encode(value).view(np.float32)  # type: ignore[union-attr]
-        self._carry = value - stored
-        return stored
-
     def _append(self, record: StepRecord) -> None:
         row = len(self._pending)
         if row == 0:  # the window's previous commit must have read it before it is refilled
             wait(self._window_commit[self._current])
-            self._windows[self._current].fill(0.0)  # rows not yet filled are written as zeros by a partial commit
-        if record.deltas is not None:
-            try:
-                delta = record.deltas.array()
-                # exact and allocation-free: a float64 sum of float32 values is finite iff every value is
-                record.nonfinite = not np.isfinite(np.add.reduce(delta, dtype=np.float64))
-                delta = delta if self._round is None else self._rounded(delta)
-                for cols, block in zip(self._columns, self._blocks[self._current], strict=True):
-                    block[row] = delta[cols].reshape(block.shape[1:])
-            finally:
-                record.deltas.release()
+        record.nonfinite = self._windows.put(self._current, row, record.deltas)
         if record.factors:
             record.nonfinite |= not all(
                 np.isfinite(a).all() and np.isfinite(g).all() for a, g in record.factors.values()
@@ -261,13 +256,14 @@ class TraceWriter:
 
     def _submit(self) -> Future[None] | None:
         """Hand the current window's pending steps to the committer; start a new window when it is full."""
+        self._last_commit = time.monotonic()
         n = len(self._pending)
         if n == 0 or self._error is not None:
             return None
         # A chunk-aligned window is written whole, so zarr never reads back and decodes a partly written
         # chunk; rows past the committed ones are zeros or later steps, and readers ignore them.
         rows = self._chunk if self._start % self._chunk == 0 else n
-        data = [block[:rows] for block in self._blocks[self._current]]
+        data = self._windows.data(self._current, n, rows)
         job = (self._start, self._example_start, list(self._pending), data)
         future = self._committer.submit(self._guard, self._commit, *job)
         self._window_commit[self._current] = future
@@ -275,7 +271,7 @@ class TraceWriter:
             self._start += n
             self._example_start += sum(len(r.index) for r in self._pending)
             self._pending = []
-            self._current = 1 - self._current
+            self._current = (self._current + 1) % len(self._window_commit)
         return future
 
     # ---- committer thread (commits run one at a time, in order; none runs after a failure)
@@ -303,6 +299,7 @@ class TraceWriter:
         counters = {"steps_committed": start + n, "examples_committed": e_stop}
         self._group.update_attributes({**counters, "checkpoints": self._checkpoints})  # ... then commit
         self.committed = start + n
+        self._examples_committed = e_stop
 
     def _write_residual(self, residual: dict[str, np.ndarray], steps: int) -> None:
         """Write the residual after ``steps`` steps into the slot not in use, then name it (crash-safe)."""
@@ -315,7 +312,9 @@ class TraceWriter:
     def _tidy(self) -> None:
         """Cut the arrays' shapes back to the committed rows (they grow ahead in whole chunks); note the last
         checkpoints."""
-        truncate(self._group, self.committed)
+        steps = [(arr, self.committed) for arr in [*self._arrays, *self._steps.values()]]
+        examples = [*self._examples.values(), *itertools.chain(*self._factors.values())]
+        zarr_sync(trim([*steps, *((arr, self._examples_committed) for arr in examples)]))
         if self._checkpoints != self._group.attrs.get("checkpoints", []):
             self._group.update_attributes({"checkpoints": self._checkpoints})
 
