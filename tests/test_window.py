@@ -84,7 +84,7 @@ def _record(path: Path, inline: bool, monkeypatch: pytest.MonkeyPatch, build_s: 
     prepare = recorder_module.prepare
 
     def slow(*args: Any) -> Path:
-        time.sleep(build_s)  # the first steps arrive while the trace is built
+        time.sleep(build_s)  # the first step arrives while the trace is built
         return prepare(*args)
 
     monkeypatch.setattr(recorder_module, "prepare", slow)
@@ -105,10 +105,10 @@ def _record(path: Path, inline: bool, monkeypatch: pytest.MonkeyPatch, build_s: 
     recorder.close()
 
 
-@pytest.mark.parametrize("build_s", [0.0, 1.0], ids=["built", "steps-while-building"])
+@pytest.mark.parametrize("build_s", [0.0, 1.0], ids=["built", "slow-build"])
 def test_the_inline_writer_writes_the_threaded_writers_trace(tmp_path, monkeypatch, build_s):
     _record(tmp_path / "threaded", False, monkeypatch)
-    _record(tmp_path / "inline", True, monkeypatch, build_s)  # 1 s: a chunk of 3 steps kept, the 4th waits
+    _record(tmp_path / "inline", True, monkeypatch, build_s)  # 1 s: the first step waits for the build
     threaded, inline = Trace(tmp_path / "threaded"), Trace(tmp_path / "inline")
     assert threaded.num_steps == inline.num_steps == 8
     np.testing.assert_array_equal(inline.steps.global_step, np.arange(8))

@@ -4,7 +4,7 @@ Its life is ``start`` (check the target, or reopen the trace to resume), then
 for every step ``add_examples`` (once per batch) and ``record`` (once per
 optimizer step), ``commit`` before a checkpoint, and ``close``. A local trace is
 built in a hidden folder while the run starts up and moved into place at the
-first recorded step, so a run that fails before it leaves nothing behind;
+first recorded step (which waits for it if need be), so a run that fails before it leaves nothing behind;
 ``storage="factored"`` creates its trace at the first step, once it knows its layers.
 """
 
@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from lightning_tracetrain.exceptions import TraceBusyError, TraceWriteError
+from lightning_tracetrain.exceptions import TraceBusyError
 from lightning_tracetrain.functional import weight_deltas
 from lightning_tracetrain.recording.classes import class_path
 from lightning_tracetrain.recording.factored import FactoredSteps, param_group, to_numpy
@@ -29,11 +29,11 @@ from lightning_tracetrain.recording.layers import layer_parameters
 from lightning_tracetrain.recording.lowrank import LowRankSteps, choose_lowrank
 from lightning_tracetrain.recording.options import RecorderOptions, StepInfo, default_chunk_steps
 from lightning_tracetrain.recording.space import step_bytes
-from lightning_tracetrain.recording.staging import DeltaStager, EarlySteps, StagedDeltas
+from lightning_tracetrain.recording.staging import DeltaStager
 from lightning_tracetrain.trace.background import in_background
 from lightning_tracetrain.trace.codecs import make_compressor
 from lightning_tracetrain.trace.lease import Lease
-from lightning_tracetrain.trace.records import PendingExamples, Staged, StepRecord
+from lightning_tracetrain.trace.records import PendingExamples, StepRecord
 from lightning_tracetrain.trace.schema import ClassSpec, LayerSpec, StorageMode, TraceSpec
 from lightning_tracetrain.trace.store import (
     ResumeState,
@@ -78,7 +78,6 @@ class TraceRecorder:
         self._warned_nonfinite = False
         self._examples = PendingExamples()
         self._prepared: Future[Path] | None = None  # a new local trace being built (see trace.store.prepare)
-        self._early = EarlySteps()
 
     # ------------------------------------------------------------------ life cycle
 
@@ -166,14 +165,8 @@ class TraceRecorder:
         """Commit what is queued and stop the writer; with ``raise_errors`` a write failure is raised."""
         if self._factored is not None:
             self._factored.remove()
+        writer, self._writer = self._writer, None
         try:
-            if self._writer is None and self._early:  # steps kept while the trace was built
-                try:
-                    self._create()
-                except TraceWriteError:
-                    if raise_errors:
-                        raise
-            writer, self._writer = self._writer, None
             if (prepared := self._prepared) is not None:  # no step was recorded: leave nothing behind
                 self._prepared = None
                 if prepared.exception() is None:
@@ -209,14 +202,10 @@ class TraceRecorder:
                 self._stage(self._spec.dense_params())
                 self._stager = self._make_stager()
             factors = to_numpy(taken)
-        sink = self._sink()
+        writer = self._writer or self._create()
         assert self._stager is not None
-        extra = () if self._lowrank is None else self._lowrank.step()
-        if sink is self._writer:
-            staged: Staged = self._stager.stage(self._after, self._before, extra)
-        else:  # kept until the trace is built: computed now, into new tensors
-            staged = StagedDeltas([*weight_deltas(self._after, self._before), *(e.clone() for e in extra)])
-        sink.put(StepRecord(**vars(info), index=index, ghost=ghost, label=label, deltas=staged, factors=factors))
+        staged = self._stager.stage(self._after, self._before, () if self._lowrank is None else self._lowrank.step())
+        writer.put(StepRecord(**vars(info), index=index, ghost=ghost, label=label, deltas=staged, factors=factors))
         with torch.no_grad():  # after the put: an inline writer computes the deltas when it takes the step
             torch._foreach_copy_(self._before, self._after)
 
@@ -229,15 +218,15 @@ class TraceRecorder:
             )
         self._check_run()
         index, label, ghost = self._examples.take()
-        self._sink().put(StepRecord(**vars(info), index=index, ghost=ghost, label=label, deltas=None))
+        writer = self._writer or self._create()
+        writer.put(StepRecord(**vars(info), index=index, ghost=ghost, label=label, deltas=None))
 
     def commit(self) -> ResumeState | None:
         """Commit every queued step; returns what a checkpoint needs to resume this trace (None: no step yet)."""
-        if self._writer is None and not self._early:
+        if self._writer is None:
             return self._resume
-        writer = self._writer or self._create()
-        writer.flush(residual=self._residuals())
-        return ResumeState(writer.run_id, writer.committed, self._carry(writer))
+        self._writer.flush(residual=self._residuals())
+        return ResumeState(self._writer.run_id, self._writer.committed, self._carry(self._writer))
 
     def note_checkpoint(self, path: str, global_step: int) -> None:
         """The run saved a checkpoint holding its first ``global_step`` steps at ``path`` (kept in the trace)."""
@@ -296,21 +285,9 @@ class TraceRecorder:
         """Whether the writer works on the training thread: CPU training into a local trace (see TraceWriter)."""
         return self._device.type == "cpu" and not is_url(self.options.dirpath)
 
-    def _sink(self) -> TraceWriter | EarlySteps:
-        """Where the next step goes: the writer; or, while a new trace is still being built in the background
-        (CPU, up to a chunk of steps), a list kept for it."""
-        if self._writer is not None:
-            return self._writer
-        building = self._prepared is not None and not self._prepared.done()
-        assert self._spec is not None
-        if building and self._inline and len(self._early) < self._spec.chunk_steps:
-            return self._early
-        return self._create()
-
     def _create(self) -> TraceWriter:
         assert self._spec is not None and self._initial is not None, "start() comes before the first step"
         opts = self.options
-        early = self._early.take()  # dropped if the trace cannot be created: the run stops
         if (prepared := self._prepared) is not None:
             self._prepared = None
             group = publish(prepared.result(), opts.dirpath)  # the first step waits for the build, if need be
@@ -321,8 +298,6 @@ class TraceRecorder:
         writer = self._open(group, start=0)
         if self._lease is not None:
             self._lease.set_run(writer.run_id)
-        for record in early:
-            writer.put(record)
         return writer
 
     def _open(self, group: Any, start: int, carry: np.ndarray | None = None) -> TraceWriter:

@@ -18,7 +18,6 @@ import torch
 from torch import Tensor
 
 from lightning_tracetrain.functional import weight_deltas
-from lightning_tracetrain.trace.records import StepRecord
 
 
 class StagedDeltas:
@@ -59,25 +58,6 @@ class DirectDeltas:
 
     def release(self) -> None:
         """Nothing to give back."""
-
-
-class EarlySteps:
-    """The steps recorded before the trace is ready to take them, in order."""
-
-    def __init__(self) -> None:
-        self._records: list[StepRecord] = []
-
-    def __len__(self) -> int:
-        return len(self._records)
-
-    def put(self, record: StepRecord) -> None:
-        """Keep a step (its deltas already computed: a :class:`StagedDeltas` or None)."""
-        self._records.append(record)
-
-    def take(self) -> list[StepRecord]:
-        """Every kept step, oldest first; none is kept after."""
-        records, self._records = self._records, []
-        return records
 
 
 class DeltaStager:
