@@ -47,7 +47,8 @@ class TraceWriter:
     ``inline``: :meth:`put` takes the step on the calling thread (the deltas are
     computed straight into the window) and writes a full window before it
     returns, so one window is enough; the writer thread only commits on
-    :meth:`flush`, at close, and after ``commit_every_s`` when training pauses.
+    :meth:`flush`, at close, and when ``commit_every_s`` passed since the last
+    commit (holding the lock, so a step taken meanwhile waits for it).
 
     With ``storage="compact"`` each step is rounded after adding the previous
     step's rounding error (``carry``; pass the one a checkpoint kept to resume).
