@@ -27,6 +27,7 @@ from lightning_tracetrain import functional as Fx
 from lightning_tracetrain._version import __version__
 from lightning_tracetrain.exceptions import TraceExistsError, TraceMismatchError, TraceWriteError
 from lightning_tracetrain.trace import schema
+from lightning_tracetrain.trace.chunks import trim
 from lightning_tracetrain.trace.codecs import checksummed
 from lightning_tracetrain.trace.schema import TraceSpec
 
@@ -313,11 +314,12 @@ def truncate(group: zarr.Group, records: int) -> None:
     if (group.attrs.get("residual") or {}).get("steps", 0) > records:
         counters["residual"] = None  # a low-rank residual of dropped steps: the resumed run writes its own
     group.update_attributes(counters)  # one write
-    for name in TraceSpec.from_attrs(dict(group.attrs)).step_axis_paths():
-        node = optional_array(group, name)
-        axis_len = examples if schema.is_example_axis(name) else records
-        if node is not None and node.shape[0] != axis_len:
-            node.resize((axis_len, *node.shape[1:]))
+    lengths = [
+        (node, examples if schema.is_example_axis(name) else records)
+        for name in TraceSpec.from_attrs(dict(group.attrs)).step_axis_paths()
+        if (node := optional_array(group, name)) is not None
+    ]
+    zarr_sync(trim(lengths))
 
 
 def optional_array(group: zarr.Group, path: str) -> zarr.Array | None:

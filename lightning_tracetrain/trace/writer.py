@@ -191,7 +191,7 @@ class TraceWriter:
             except queue.Empty:
                 item = None
             with self._lock:
-                if item is None:  # inline: the training thread may have committed meanwhile
+                if item is None:  # a timed commit, unless one came meanwhile (inline: from the training thread)
                     if self._pending and time.monotonic() - self._last_commit >= self._commit_every_s:
                         self._submit()
                 elif item is STOP or isinstance(item, Flush):
